@@ -1,0 +1,24 @@
+"""stochnorm_ext: fused StochNorm, Batch Group Normalization and Cross-Iteration BN for PyTorch.
+
+Modules: ``StochNorm1d/2d/3d``, ``BatchGroupNorm1d/2d/3d``, ``CrossIterationBatchNorm2d``
+(and ``Conv2dCBN``); ``convert_model(model, kind)`` swaps a model's BatchNorm layers;
+``stochnorm_ext.functional`` has the differentiable functions; ``stochnorm_ext.reference``
+the pure-PyTorch definitions every backend is tested against; ``backends()`` says which
+backends (``reference``, ``cpu``, ``triton``, ``cuda``) are available here.
+"""
+from . import functional, reference
+from ._backend import BACKEND_NAMES, available_backends, backends
+from .cbn_window import CBNWindow
+from .convert import convert_model, find_conv_bn_pairs
+from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
+                      CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StochNorm1d", "StochNorm2d", "StochNorm3d",
+    "BatchGroupNorm1d", "BatchGroupNorm2d", "BatchGroupNorm3d",
+    "CrossIterationBatchNorm2d", "Conv2dCBN", "CBNWindow",
+    "convert_model", "find_conv_bn_pairs", "functional", "reference",
+    "backends", "available_backends", "BACKEND_NAMES", "__version__",
+]

@@ -1,0 +1,108 @@
+"""Backend selection.
+
+A backend is a module with three functions sharing one interface (see ``reference.py``,
+the executable spec they are all tested against)::
+
+    stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum, eps, update_stats) -> y
+    batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training, momentum, eps, update_stats) -> y
+    cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, past_var, past_keep,
+                         training, momentum, eps, update_stats) -> (y, mu_t, var_t)
+
+Names: ``"reference"`` (pure PyTorch, always there), ``"cpu"`` (C++ kernels),
+``"triton"`` and ``"cuda"`` (GPU kernels). ``backend=None`` picks the best available one
+for the input's device; the environment variable ``STOCHNORM_EXT_BACKEND`` replaces that
+default (an explicit ``backend=`` argument still wins).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Optional
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "STOCHNORM_EXT_BACKEND"
+
+# Preference order for backend=None, per device type; the first available one wins.
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+# Where each backend's implementation lives (module path relative to the package).
+_MODULES = {"reference": ".reference", "cpu": "._backend_cpu", "triton": "._backend_triton",
+            "cuda": "._backend_cuda"}
+# Device types each backend runs on ("triton" runs on CPU tensors only under the interpreter).
+_DEVICES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
+
+_loaded: Dict[str, object] = {}
+_missing: Dict[str, str] = {}
+
+
+def _load(name: str):
+    """Import a backend, remembering why it is unavailable if it is."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _missing:
+        return None
+    try:
+        module = importlib.import_module(_MODULES[name], __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name == __package__ + _MODULES[name]:
+            _missing[name] = f"this version of stochnorm_ext has no {name!r} kernels"
+        else:  # the backend exists but something it needs is not installed or not built
+            _missing[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    except ImportError as exc:
+        _missing[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    reason = getattr(module, "UNAVAILABLE", None)
+    if reason:
+        _missing[name] = reason
+        return None
+    _loaded[name] = module
+    return module
+
+
+def backends() -> Dict[str, Optional[str]]:
+    """Every backend name mapped to ``None`` if it is available here, else the reason why not.
+
+    >>> import stochnorm_ext as sx
+    >>> sx.backends()["reference"] is None
+    True
+    """
+    return {name: (None if _load(name) is not None else _missing[name]) for name in BACKEND_NAMES}
+
+
+def available_backends():
+    """The names of the backends usable in this process."""
+    return [name for name, reason in backends().items() if reason is None]
+
+
+def resolve(backend: Optional[str], device: torch.device):
+    """The backend module to run on a tensor of ``device``.
+
+    Raises ValueError for an unknown name and RuntimeError, naming what is missing, for a
+    known backend that is not available or does not run on this device.
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+    if backend is None:
+        for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
+            if _supports(name, device) and _load(name) is not None:
+                return _loaded[name]
+        return _load("reference")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    module = _load(backend)
+    if module is None:
+        raise RuntimeError(f"backend {backend!r} is not available: {_missing[backend]}")
+    if not _supports(backend, device):
+        raise RuntimeError(f"backend {backend!r} does not run on {device.type} tensors")
+    return module
+
+
+def _supports(name: str, device: torch.device) -> bool:
+    devices = _DEVICES[name]
+    if devices is None:
+        return True
+    if name == "triton" and device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type in devices

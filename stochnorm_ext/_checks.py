@@ -1,0 +1,134 @@
+"""Input validation shared by the functional API and the modules.
+
+Every check runs before any state is touched, so a call that raises leaves running
+statistics and layer state exactly as they were (SPEC.md, shared rules).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_hyper(name: str, value, *, low=None, high=None, integer=False, low_open=False) -> None:
+    """Raise ValueError/TypeError for a hyper-parameter outside its range (construction time)."""
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not integer and not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_momentum(momentum) -> None:
+    if momentum is not None:
+        check_hyper("momentum", momentum, low=0.0, high=1.0)
+
+
+def check_input(x, num_features: Optional[int], allowed_dims: Iterable[int], layer: str) -> None:
+    """The input is a floating tensor of an allowed rank with the expected channel count."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{layer}: expected a float16, bfloat16, float32 or float64 input, got {x.dtype}"
+        )
+    allowed_dims = tuple(allowed_dims)
+    if x.dim() not in allowed_dims:
+        want = " or ".join(f"{d}D" for d in allowed_dims)
+        raise ValueError(f"{layer}: expected {want} input, got {x.dim()}D input of shape {tuple(x.shape)}")
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(
+            f"{layer}: expected {num_features} channels (dim 1), got input of shape {tuple(x.shape)}"
+        )
+
+
+def check_param(t: Optional[torch.Tensor], name: str, shape, x: torch.Tensor, layer: str) -> None:
+    """A per-channel parameter/buffer: right shape, floating dtype, on the input's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{layer}: {name} must be a tensor or None, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer}: {name} must be a floating tensor, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{layer}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise RuntimeError(
+            f"{layer}: {name} is on {t.device} but the input is on {x.device}; "
+            "all tensors must be on the same device"
+        )
+
+
+def check_values_per_statistic(count: int, x: torch.Tensor, layer: str) -> None:
+    """Training with one value per statistic is undefined (PyTorch raises the same)."""
+    if count == 1:
+        raise ValueError(
+            f"{layer}: expected more than 1 value per statistic when training, "
+            f"got input of shape {tuple(x.shape)}"
+        )
+
+
+def spatial_size(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def stat_dims(x: torch.Tensor):
+    """Reduction dims of a per-channel statistic: every dim but the channel dim."""
+    return [0] + list(range(2, x.dim()))
+
+
+def check_num_groups(num_groups: int, num_features: int) -> None:
+    """Construction-time rule of BGN: G divides C, or G is a multiple of C."""
+    check_hyper("num_groups", num_groups, low=1, integer=True)
+    if num_features % num_groups != 0 and num_groups % num_features != 0:
+        raise ValueError(
+            f"num_groups must divide num_features or be a multiple of it, "
+            f"got num_groups={num_groups}, num_features={num_features}"
+        )
+
+
+def check_groups_fit(num_groups: int, x: torch.Tensor, layer: str) -> int:
+    """Call-time rule of BGN with G > C: each channel splits into G/C equal spatial pieces.
+
+    Returns the number of pieces per channel (1 when G divides C).
+    """
+    C = x.shape[1]
+    if C % num_groups == 0:
+        return 1
+    if num_groups % C != 0:
+        raise ValueError(
+            f"{layer}: num_groups={num_groups} must divide the {C} channels or be a multiple of them"
+        )
+    pieces = num_groups // C
+    S = spatial_size(x)
+    if S % pieces != 0:
+        raise ValueError(
+            f"{layer}: num_groups={num_groups} splits each of the {C} channels into {pieces} pieces, "
+            f"which needs the spatial size to be a multiple of {pieces}; got spatial shape "
+            f"{tuple(x.shape[2:])} ({S} positions)"
+        )
+    return pieces
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an output should keep (channels_last inputs give channels_last outputs)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics accumulate in float32, or float64 for float64 input (SPEC.md)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,201 @@
+"""``convert_model``: swap a model's BatchNorm layers for StochNorm, BGN or CBN."""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
+                      CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
+
+__all__ = ["convert_model", "find_conv_bn_pairs"]
+
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_KINDS = ("stochnorm", "bgn", "cbn")
+# Options each kind accepts besides those copied from the BatchNorm being replaced.
+_OPTIONS = {
+    "stochnorm": {"p", "eps", "momentum", "backend"},
+    "bgn": {"num_groups", "eps", "momentum", "affine", "track_running_stats", "backend"},
+    "cbn": {"window", "burnin", "rho", "eps", "momentum", "backend"},
+}
+
+
+def _bn_dims(bn: nn.Module, conv: Optional[nn.Module]) -> int:
+    """1, 2 or 3: from the BatchNorm class, else (SyncBatchNorm) from the conv feeding it."""
+    for cls, d in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3)):
+        if type(bn) is cls or (isinstance(bn, cls) and not isinstance(bn, nn.SyncBatchNorm)):
+            return d
+    for cls, d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+        if isinstance(conv, cls):
+            return d
+    return 2
+
+
+def _copy_params(src: nn.Module, dst: nn.Module) -> None:
+    """Copy affine parameters (as new tensors) and keep requires_grad, device and dtype."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            s, d = getattr(src, name, None), getattr(dst, name, None)
+            if s is not None and d is not None:
+                setattr(dst, name, nn.Parameter(s.detach().clone(), requires_grad=s.requires_grad))
+
+
+def _copy_running(src: nn.Module, dst: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
+    if getattr(dst, "running_mean", None) is None:
+        return
+    dst.running_mean = mean.detach().clone().to(src.running_mean.dtype)
+    dst.running_var = var.detach().clone().to(src.running_var.dtype)
+    dst.num_batches_tracked = src.num_batches_tracked.detach().clone()
+
+
+def _pooled_group_stats(mean: torch.Tensor, var: torch.Tensor, num_groups: int):
+    """BN running statistics -> BGN group statistics (SPEC.md): for G | C the group pools its
+    channels (mean of means; mean of variances plus the spread of the means); for G = m*C each
+    channel's statistics are replicated to its m pieces."""
+    C = mean.numel()
+    if C % num_groups == 0:
+        m = mean.double().view(num_groups, -1)
+        v = var.double().view(num_groups, -1)
+        gm = m.mean(1)
+        gv = v.mean(1) + ((m - gm[:, None]) ** 2).mean(1)
+        return gm, gv
+    pieces = num_groups // C
+    return mean.repeat_interleave(pieces), var.repeat_interleave(pieces)
+
+
+def _resolve_groups(num_groups, C: int, name: str) -> int:
+    G = num_groups(C) if callable(num_groups) else num_groups
+    if G is None:
+        raise ValueError("convert_model(kind='bgn') needs num_groups (an int or a function of the channel count)")
+    if not isinstance(G, int) or G < 1 or (C % G and G % C):
+        raise ValueError(f"convert_model: num_groups={G!r} does not fit layer {name!r} with {C} channels "
+                         "(it must divide the channel count or be a multiple of it)")
+    return G
+
+
+def _make(kind: str, bn: nn.Module, conv: Optional[nn.Module], name: str, options: dict) -> nn.Module:
+    C = bn.num_features
+    dims = _bn_dims(bn, conv)
+    get = lambda key, default: options[key] if key in options else default  # noqa: E731
+    eps = get("eps", bn.eps)
+    momentum = get("momentum", bn.momentum)
+    backend = options.get("backend")
+    if kind == "stochnorm":
+        if not bn.track_running_stats:
+            raise ValueError(f"convert_model: {name!r} has no running statistics, which StochNorm needs")
+        cls = {1: StochNorm1d, 2: StochNorm2d, 3: StochNorm3d}[dims]
+        new = cls(C, eps=eps, momentum=momentum, affine=bn.affine, p=get("p", 0.5), backend=backend)
+        _copy_params(bn, new)
+        _copy_running(bn, new, bn.running_mean, bn.running_var)
+    elif kind == "bgn":
+        G = _resolve_groups(options.get("num_groups"), C, name)
+        cls = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}[dims]
+        new = cls(C, G, eps=eps, momentum=momentum, affine=get("affine", bn.affine),
+                  track_running_stats=get("track_running_stats", bn.track_running_stats), backend=backend)
+        _copy_params(bn, new)
+        if bn.track_running_stats and new.track_running_stats:
+            _copy_running(bn, new, *_pooled_group_stats(bn.running_mean, bn.running_var, G))
+    else:
+        new = CrossIterationBatchNorm2d(C, window=get("window", 4), burnin=get("burnin", 0),
+                                        rho=get("rho", 1.0), eps=eps, momentum=momentum,
+                                        affine=bn.affine, track_running_stats=bn.track_running_stats,
+                                        backend=backend)
+        _copy_params(bn, new)
+        if bn.track_running_stats:
+            _copy_running(bn, new, bn.running_mean, bn.running_var)
+    ref = next((t for t in (bn.weight, bn.running_mean) if t is not None), None)
+    if ref is not None:
+        new.to(device=ref.device)
+    new.train(bn.training)
+    return new
+
+
+def find_conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
+    """Map each BatchNorm's qualified name to the name of the ``nn.Conv2d`` that feeds it
+    directly (its only input, whose output goes nowhere else). Uses ``torch.fx`` tracing;
+    where tracing fails, falls back to module order (a BN right after a Conv2d with as many
+    output channels as the BN has features)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # untraceable model (data-dependent control flow, ...)
+        return _pairs_by_order(model)
+    modules = dict(model.named_modules())
+    pairs = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
+                and modules[src.target].out_channels == modules[node.target].num_features):
+            pairs[node.target] = src.target
+    return pairs
+
+
+def _pairs_by_order(model: nn.Module) -> Dict[str, str]:
+    pairs, prev = {}, None
+    for name, module in model.named_modules():
+        if isinstance(module, _BN_TYPES) and prev is not None:
+            pname, pmod = prev
+            if isinstance(pmod, nn.Conv2d) and pmod.out_channels == module.num_features:
+                pairs[name] = pname
+        if not list(module.children()):
+            prev = (name, module)
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` in place
+    and return the model.
+
+    ``kind``:
+      * ``"stochnorm"`` -> ``StochNorm*d``; options ``p`` (default 0.5), ``eps``,
+        ``momentum``, ``backend``. Weights and running statistics are copied.
+      * ``"bgn"`` -> ``BatchGroupNorm*d``; options ``num_groups`` (required: an int or a
+        function of the channel count), ``eps``, ``momentum``, ``affine``,
+        ``track_running_stats``, ``backend``. The running statistics are pooled per group
+        (``G | C``) or replicated to the pieces (``G = m*C``).
+      * ``"cbn"`` -> ``CrossIterationBatchNorm2d`` bound to the ``nn.Conv2d`` that feeds each
+        BN (found with ``torch.fx``, or by module order where tracing fails); options
+        ``window``, ``burnin``, ``rho``, ``eps``, ``momentum``, ``backend``. A BatchNorm that
+        no conv feeds directly is left as it is, with a warning.
+
+    Options not given are taken from each BatchNorm (eps, momentum, affine,
+    track_running_stats). Copies are made: the new layers share no tensor with the old.
+    ``SyncBatchNorm`` becomes the variant matching the conv that feeds it (2d otherwise).
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"convert_model: kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    unknown = set(options) - _OPTIONS[kind]
+    if unknown:
+        raise TypeError(f"convert_model(kind={kind!r}) got unknown options {sorted(unknown)}; "
+                        f"it accepts {sorted(_OPTIONS[kind])}")
+    if isinstance(model, _BN_TYPES):
+        if kind == "cbn":
+            raise ValueError("convert_model(kind='cbn') needs a model with the conv feeding the BatchNorm")
+        return _make(kind, model, None, "", options)
+    bns: List[Tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
+    pairs = find_conv_bn_pairs(model) if bns else {}
+    modules = dict(model.named_modules())
+    skipped = []
+    for name, bn in bns:
+        conv = modules.get(pairs.get(name)) if name in pairs else None
+        if kind == "cbn" and conv is None:
+            skipped.append(name)
+            continue
+        new = _make(kind, bn, conv, name, options)
+        if kind == "cbn":
+            new.bind(conv)
+        _set_submodule(model, name, new)
+    if skipped:
+        warnings.warn(f"convert_model(kind='cbn'): no nn.Conv2d feeds {skipped} directly; "
+                      "left as BatchNorm", stacklevel=2)
+    return model

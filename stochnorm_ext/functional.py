@@ -1,0 +1,249 @@
+"""Differentiable functional forms of the three layers.
+
+Each function validates its arguments (before anything is modified, so a call that
+raises leaves running statistics and window state untouched), picks a backend
+(``backend=None``: the best available for the input's device; see
+``stochnorm_ext.backends()``) and runs it. Like ``torch.nn.functional.batch_norm``,
+``momentum`` is the update factor itself; the modules turn ``momentum=None`` into the
+cumulative-average factor ``1 / num_batches_tracked``.
+
+Outputs keep the input's dtype and memory format; statistics accumulate in float32
+(float64 for float64 input); parameters and running buffers may be float32 while the
+input is float16/bfloat16 (autocast).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from ._backend import resolve
+from .cbn_window import CBNWindow, ConvGeometry, compensated_past, conv_jacobians, push_entry
+
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_batch_norm", "draw_mask"]
+
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shape, momentum, eps):
+    C = x.shape[1]
+    _checks.check_param(weight, "weight", (C,), x, layer)
+    _checks.check_param(bias, "bias", (C,), x, layer)
+    _checks.check_param(running_mean, "running_mean", stats_shape, x, layer)
+    _checks.check_param(running_var, "running_var", stats_shape, x, layer)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{layer}: running_mean and running_var must both be given or both be None")
+    _checks.check_hyper("momentum", momentum, low=0.0, high=1.0)
+    _checks.check_hyper("eps", eps, low=0.0)
+
+
+def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """N == 0: an empty output still connected to the graph of x, weight and bias."""
+    from .reference import _affine, _finish
+    return _finish(_affine(x.to(_checks.accumulate_dtype(x)), weight, bias), x)
+
+
+def draw_mask(num_features: int, p: float, device=None, generator: Optional[torch.Generator] = None
+              ) -> Tensor:
+    """StochNorm's per-channel branch choice: ``rand(C) < p`` with the PyTorch generator
+    (the default one, or ``generator``) on ``device``; True selects the batch branch."""
+    _checks.check_hyper("p", p, low=0.0, high=1.0)
+    if p >= 1.0:
+        return torch.ones(num_features, dtype=torch.bool, device=device)
+    if p <= 0.0:
+        return torch.zeros(num_features, dtype=torch.bool, device=device)
+    return torch.rand(num_features, device=device, generator=generator) < p
+
+
+def stoch_norm(
+    input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+    p: float = 0.5, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Stochastic Normalization (StochNorm, Kou et al. 2020) of ``input`` ``(N, C, *S)``.
+
+    Training: one Bernoulli(``p``) draw per channel (``mask``, drawn with ``generator`` if
+    not given; True = batch branch) picks, for every sample and position of the channel,
+    either this batch's statistics or the running statistics as they were before this
+    step; ``y = weight * (x - mean) / sqrt(var + eps) + bias``. The running statistics are
+    then updated in place from the batch statistics, whatever the mask. Eval: BatchNorm
+    with the running statistics. ``p = 1`` is exactly ``F.batch_norm`` in training.
+
+    Unlike the published code, both branches are never computed (each channel is
+    normalised once), the mask is a tensor drawn with the PyTorch generator on the input's
+    device, and the moving branch's gradient uses the pre-update running variance.
+    """
+    return _stoch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       p, mask, generator, backend, update_stats=True)
+
+
+def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, p, mask,
+                generator, backend, update_stats):
+    layer = "stoch_norm"
+    _checks.check_input(x, None, (2, 3, 4, 5), layer)
+    C = x.shape[1]
+    if running_mean is None or running_var is None:
+        raise ValueError(f"{layer}: StochNorm needs running statistics (running_mean and running_var)")
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps)
+    _checks.check_hyper("p", p, low=0.0, high=1.0)
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (C,):
+            got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"{layer}: mask must be a bool tensor of shape ({C},), got {got}")
+        if mask.device != x.device:
+            raise RuntimeError(f"{layer}: mask is on {mask.device} but the input is on {x.device}")
+    impl = resolve(backend, x.device)
+    if x.shape[0] == 0:
+        return _empty_output(x, weight, bias)
+    if training:
+        _checks.check_values_per_statistic(x.numel() // C, x, layer)
+        if mask is None:
+            mask = draw_mask(C, p, x.device, generator)
+    return impl.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
+                           eps, update_stats)
+
+
+def batch_group_norm(
+    input: Tensor, num_groups: int, running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+    eps: float = 1e-5, backend: Optional[str] = None,
+) -> Tensor:
+    """Batch Group Normalization (BGN, Zhou et al. 2020) of ``input`` ``(N, C, *S)``.
+
+    Each sample is flattened in logical ``(C, *S)`` order and cut into ``num_groups``
+    contiguous pieces; mean and (biased) variance are taken per group over the batch and
+    the piece (``M = N * C * S / G`` values). ``G`` must divide ``C`` (groups of whole
+    channels) or be a multiple ``m * C`` (each channel split into ``m`` contiguous pieces
+    of its flattened spatial positions; ``S % m == 0``, checked per call). Affine
+    parameters are per channel ``(C,)``; running statistics per group ``(G,)``, used in
+    eval when given (batch statistics otherwise). ``G == C`` is exactly BatchNorm.
+    """
+    return _batch_group_norm(input, num_groups, running_mean, running_var, weight, bias, training,
+                             momentum, eps, backend, update_stats=True)
+
+
+def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, training, momentum,
+                      eps, backend, update_stats):
+    layer = "batch_group_norm"
+    _checks.check_input(x, None, (2, 3, 4, 5), layer)
+    _checks.check_hyper("num_groups", num_groups, low=1, integer=True)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps)
+    _checks.check_groups_fit(num_groups, x, layer)
+    impl = resolve(backend, x.device)
+    if x.shape[0] == 0:
+        return _empty_output(x, weight, bias)
+    if training or running_mean is None:
+        _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
+    return impl.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
+                                 momentum, eps, update_stats)
+
+
+def _pair(v, name) -> Tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def cross_iteration_batch_norm(
+    input: Tensor, conv_input: Optional[Tensor] = None, conv_weight: Optional[Tensor] = None,
+    window: Optional[CBNWindow] = None, weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+    eps: float = 1e-5, rho: float = 1.0, burnin: int = 0, stride: _IntPair = 1,
+    padding: _IntPair = 0, dilation: _IntPair = 1, groups: int = 1,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Cross-Iteration Batch Normalization (CBN, Yao et al. 2021) of ``input`` ``(N, C, H, W)``,
+    the output of ``conv2d(conv_input, conv_weight, stride, padding, dilation, groups)``.
+
+    Training: the statistics are averaged over this batch and the steps stored in
+    ``window`` (a :class:`CBNWindow`, updated in place), each compensated to the current
+    ``conv_weight`` by a first-order Taylor step (``rho`` scales it; ``rho = 0`` is plain
+    averaging). The first ``burnin`` steps counted by ``window.step`` are plain BN and
+    store nothing; afterwards each step stores its statistics and Jacobians. The running
+    statistics follow the current batch only. Eval: BatchNorm with the running statistics.
+    ``window=None`` (or a window of 1) is exactly BatchNorm and needs no conv arguments.
+
+    Differences from the published code: eps inside the square root (window 1 is exactly
+    BN), a numerically stable variance, closed-form Jacobians, and the window kept in
+    tensors that a checkpoint saves. Gradients treat the compensated past statistics as
+    constants, as the published code does.
+    """
+    geometry = ConvGeometry(_pair(stride, "stride"), _pair(padding, "padding"),
+                            _pair(dilation, "dilation"), groups)
+    return _cross_iteration(input, conv_input, conv_weight, geometry, window, weight, bias,
+                            running_mean, running_var, training, momentum, eps, rho, burnin,
+                            backend, past=None, update_state=True)
+
+
+def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, window: CBNWindow):
+    """The conv arguments describe a convolution whose output has x's shape."""
+    for name, t in (("conv_input", conv_input), ("conv_weight", conv_weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{layer}: a window > 1 needs {name} (a tensor), got {type(t).__name__}")
+        if t.device != x.device:
+            raise RuntimeError(f"{layer}: {name} is on {t.device} but the input is on {x.device}")
+        if t.dim() != 4:
+            raise ValueError(f"{layer}: {name} must be 4D, got shape {tuple(t.shape)}")
+    C, cin_g, kh, kw = conv_weight.shape
+    G = geometry.groups
+    if C != x.shape[1] or C % G or tuple(window.dvar.shape[1:]) != (C, cin_g, kh, kw) \
+            or window.dmu.shape[1] != G:
+        raise ValueError(
+            f"{layer}: conv_weight of shape {tuple(conv_weight.shape)} with groups={G} does not fit "
+            f"the input's {x.shape[1]} channels and the window (made for dvar "
+            f"{tuple(window.dvar.shape[1:])}, {window.dmu.shape[1]} groups)")
+    if conv_input.shape[1] != cin_g * G or conv_input.shape[0] != x.shape[0]:
+        raise ValueError(f"{layer}: conv_input of shape {tuple(conv_input.shape)} does not fit "
+                         f"conv_weight {tuple(conv_weight.shape)} with groups={G} and input batch {x.shape[0]}")
+    left, right, top, bottom = geometry.input_pad
+    H, W = conv_input.shape[2] + top + bottom, conv_input.shape[3] + left + right
+    out = tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip((H, W), geometry.padding, geometry.dilation, (kh, kw), geometry.stride))
+    if out != tuple(x.shape[2:]):
+        raise ValueError(f"{layer}: the conv maps conv_input {tuple(conv_input.shape)} to spatial size {out}, "
+                         f"but the input has spatial size {tuple(x.shape[2:])}")
+
+
+def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
+                     running_var, training, momentum, eps, rho, burnin, backend, past, update_state):
+    """The whole CBN step. ``past`` (precomputed compensated entries) is given when the
+    module recomputes a step under activation checkpointing; ``update_state=False`` then
+    leaves running statistics and the window alone."""
+    layer = "cross_iteration_batch_norm"
+    _checks.check_input(x, None, (4,), layer)
+    C = x.shape[1]
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps)
+    _checks.check_hyper("rho", rho)
+    _checks.check_hyper("burnin", burnin, low=0, integer=True)
+    if window is not None and not isinstance(window, CBNWindow):
+        raise TypeError(f"{layer}: window must be a CBNWindow or None, got {type(window).__name__}")
+    use_window = training and window is not None and window.slots > 0
+    if use_window:
+        _check_conv(layer, x, conv_input, conv_weight, geometry, window)
+    impl = resolve(backend, x.device)
+    if x.shape[0] == 0:
+        return _empty_output(x, weight, bias)
+    batch_stats = training or running_mean is None
+    if batch_stats:
+        _checks.check_values_per_statistic(x.numel() // C, x, layer)
+    if use_window and past is None:
+        past = compensated_past(window, conv_weight, rho, burnin)
+    if past is None:
+        empty = x.new_zeros(0, C, dtype=_checks.accumulate_dtype(x))
+        past = (empty, empty, empty.to(torch.bool))
+    y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
+                                               training, momentum, eps, update_state)
+    if use_window and update_state:
+        dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+        push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
+    elif training and update_state and window is not None:
+        window.step.add_(1)
+    return y

@@ -1,0 +1,160 @@
+"""Pure-PyTorch reference implementations: the executable form of SPEC.md.
+
+Written for clarity, never for speed. Every compiled backend is tested against these
+functions (in float64 where possible). Gradients come from autograd through the plain
+forward formulas, so they are an independent check of the hand-derived backward
+formulas in the kernels.
+
+All three functions share one interface with the other backends (see ``_backend.py``):
+they take validated inputs (``stochnorm_ext.functional`` validates), update running
+statistics in place when ``training and update_stats``, and return outputs in the
+input's dtype and memory format. Statistics are computed in float32 (float64 for float64
+input) with ``torch.var_mean``, which is stable for data with a large common offset.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._checks import accumulate_dtype, memory_format_of, stat_dims
+
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "update_running_stats"]
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """View a (C,) tensor so it broadcasts over x's channel dim."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _affine(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    if weight is not None:
+        z = z * _per_channel(weight.to(z.dtype), z)
+    if bias is not None:
+        z = z + _per_channel(bias.to(z.dtype), z)
+    return z
+
+
+def _finish(y: Tensor, x: Tensor) -> Tensor:
+    """Back to the input's dtype and memory format."""
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
+    count: int, momentum: float,
+) -> None:
+    """EMA update exactly like ``nn.BatchNorm``: the running variance takes the unbiased
+    batch variance ``var * M / (M - 1)``; ``momentum`` is the factor already resolved
+    (``1 / num_batches_tracked`` when the module's momentum is None)."""
+    unbiased_var = batch_var * (count / (count - 1))
+    running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+
+
+def _eval_batch_norm(x, weight, bias, running_mean, running_var, eps) -> Tensor:
+    acc = accumulate_dtype(x)
+    mean = _per_channel(running_mean.to(acc), x)
+    invstd = _per_channel(torch.rsqrt(running_var.to(acc) + eps), x)
+    return _finish(_affine((x.to(acc) - mean) * invstd, weight, bias), x)
+
+
+def stoch_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+    running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: float, eps: float,
+    update_stats: bool = True,
+) -> Tensor:
+    """StochNorm (SPEC.md). In training, channel c is normalised with this batch's
+    statistics where ``mask[c]`` is True, else with the running statistics as they were
+    *before* this step's update; the running statistics are then updated from the batch
+    statistics, whatever the mask. Eval is plain BatchNorm with the running statistics.
+
+    The published code saves the running buffers by reference in autograd and then updates
+    them in place, so its moving branch gets the gradient of the *updated* variance. Here
+    the pre-update statistics are snapshot first, so the gradient is exact.
+    """
+    if not training:
+        return _eval_batch_norm(x, weight, bias, running_mean, running_var, eps)
+    acc = accumulate_dtype(x)
+    xf = x.to(acc)
+    batch_var, batch_mean = torch.var_mean(xf, dim=stat_dims(x), correction=0)
+    # Snapshot: the moving branch uses the statistics before this step's update.
+    moving_mean = running_mean.detach().to(acc).clone()
+    moving_var = running_var.detach().to(acc).clone()
+    mean = torch.where(mask, batch_mean, moving_mean)
+    var = torch.where(mask, batch_var, moving_var)
+    z = (xf - _per_channel(mean, x)) * _per_channel(torch.rsqrt(var + eps), x)
+    y = _finish(_affine(z, weight, bias), x)
+    if update_stats:
+        count = xf.numel() // xf.shape[1]
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum)
+    return y
+
+
+def batch_group_norm(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+    momentum: float, eps: float, update_stats: bool = True,
+) -> Tensor:
+    """Batch Group Normalization (SPEC.md): each sample flattened in logical ``(C, *S)``
+    order and cut into ``num_groups`` contiguous pieces; one mean/variance per group over
+    the batch and the piece, ``M = N * C * S / G``. This is the paper's
+    ``reshape(N, G, -1)`` with statistics over dims 0 and 2; ``reshape`` follows the
+    logical order, so channels_last inputs group exactly like contiguous ones.
+    Batch statistics are used in training and whenever there are no running statistics.
+    """
+    N = x.shape[0]
+    acc = accumulate_dtype(x)
+    grouped = x.to(acc).reshape(N, num_groups, -1)
+    if training or running_mean is None:
+        var, mean = torch.var_mean(grouped, dim=(0, 2), correction=0)
+        if training and update_stats and running_mean is not None:
+            count = N * grouped.shape[2]
+            update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    z = (grouped - mean.view(1, -1, 1)) * torch.rsqrt(var + eps).view(1, -1, 1)
+    return _finish(_affine(z.reshape(x.shape), weight, bias), x)
+
+
+def cross_iteration_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor],
+    past_mean: Tensor, past_var: Tensor, past_keep: Tensor,
+    training: bool, momentum: float, eps: float, update_stats: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The normalisation step of Cross-Iteration BN (SPEC.md).
+
+    ``past_mean``/``past_var`` (K, C) are the compensated statistics of the stored steps
+    (constants: no gradient flows into them), ``past_keep`` (K, C) bool says which of them
+    count for each channel. With ``count_c = 1 + kept entries``::
+
+        mu  = (mu_t + sum mu') / count
+        var = (var_t + sum var') / count + mean over kept entries (current one included) of (mu_e - mu)^2
+
+    which equals the published ``mean(nu) - mu^2`` without its cancellation. The running
+    statistics follow the *current* batch (EMA of ``mu_t`` and the unbiased ``var_t``).
+    Returns ``(y, mu_t, var_t)``; the current statistics (detached, accumulation dtype) are
+    what the window stores. Eval with running statistics is plain BatchNorm.
+    """
+    if not training and running_mean is not None:
+        y = _eval_batch_norm(x, weight, bias, running_mean, running_var, eps)
+        return y, running_mean.detach(), running_var.detach()
+    acc = accumulate_dtype(x)
+    xf = x.to(acc)
+    var_t, mu_t = torch.var_mean(xf, dim=stat_dims(x), correction=0)
+    keep = past_keep.to(torch.bool)
+    p_mean = torch.where(keep, past_mean.to(acc), 0)
+    p_var = torch.where(keep, past_var.to(acc), 0)
+    count = 1 + keep.sum(0).to(acc)
+    mu = (mu_t + p_mean.sum(0)) / count
+    spread = (mu_t - mu) ** 2 + torch.where(keep, (p_mean - mu) ** 2, 0).sum(0)
+    var = (var_t + p_var.sum(0) + spread) / count
+    z = (xf - _per_channel(mu, x)) * _per_channel(torch.rsqrt(var + eps), x)
+    y = _finish(_affine(z, weight, bias), x)
+    if training and update_stats and running_mean is not None:
+        n = xf.numel() // xf.shape[1]
+        update_running_stats(running_mean, running_var, mu_t, var_t, n, momentum)
+    return y, mu_t.detach(), var_t.detach()
