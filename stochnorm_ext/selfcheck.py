@@ -1,0 +1,160 @@
+"""``python -m stochnorm_ext.selfcheck``: check every available backend against the reference.
+
+For each device here (CPU, and CUDA when present), each backend available on it and each
+layer, the backend runs a training step on random data and is compared with the float64
+reference: output, gradients of input/weight/bias, running statistics (and CBN's window).
+The reference itself is checked against ``torch.nn.BatchNorm2d`` on the identities of
+SPEC.md (StochNorm p=1, BGN G=C, CBN window 1). Prints one line per check and exits with
+status 1 if any fails. Without a GPU the Triton backend runs under Triton's interpreter.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # must precede any Triton kernel definition
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import stochnorm_ext as sx  # noqa: E402
+from stochnorm_ext import _backend, functional as F  # noqa: E402
+from stochnorm_ext.cbn_window import CBNWindow  # noqa: E402
+
+# Max error relative to the reference's largest magnitude, per input dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if torch.isnan(got).any():
+        return float("nan")
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+
+
+def _case_inputs(layer: str, device, shape=(4, 16, 6, 6)):
+    """Random float64 inputs of one layer's training step (never zeros)."""
+    N, C, H, W = shape
+    g = torch.Generator().manual_seed(1234)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    case = {
+        "x": r(N, C, H, W) * 2 + 0.5, "dy": r(N, C, H, W),
+        "weight": 1 + 0.3 * r(C), "bias": 0.2 * r(C),
+    }
+    groups = {"stoch_norm": C, "bgn_G|C": C // 4, "bgn_G=2C": 2 * C, "cbn": C}[layer]
+    case["running_mean"] = 0.1 * r(groups)
+    case["running_var"] = 1 + 0.2 * r(groups).abs()
+    if layer == "stoch_norm":
+        case["mask"] = torch.rand(C, generator=g) < 0.5
+    if layer == "cbn":
+        K, cin = 2, 3
+        conv_w = 0.3 * r(C, cin, 3, 3)
+        conv_in = r(N, cin, H, W)
+        case["x"] = torch.nn.functional.conv2d(conv_in, conv_w, padding=1) + 0.5
+        case["conv_input"], case["conv_weight"] = conv_in, conv_w
+        win = CBNWindow.empty(K + 1, C, conv_w.shape, 1, dtype=torch.float64)
+        win.mean.copy_(case["x"].mean((0, 2, 3)) + 0.05 * r(K, C))
+        win.var.copy_(case["x"].var((0, 2, 3)) * (1 + 0.1 * r(K, C).abs()))
+        win.dmu.copy_(0.01 * r(*win.dmu.shape))
+        win.dvar.copy_(0.01 * r(*win.dvar.shape))
+        win.valid.fill_(True)
+        case["window"] = win
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def _run(layer: str, backend: str, case: dict, dtype: torch.dtype):
+    """One training step: returns the tensors to compare (output, grads, state)."""
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # autocast-style
+    x = case["x"].to(dtype, copy=True).requires_grad_()
+    w = case["weight"].to(param_dtype, copy=True).requires_grad_()
+    b = case["bias"].to(param_dtype, copy=True).requires_grad_()
+    rm, rv = case["running_mean"].clone().to(w.dtype), case["running_var"].clone().to(w.dtype)
+    extra = {}
+    if layer == "stoch_norm":
+        y = F.stoch_norm(x, rm, rv, w, b, training=True, mask=case["mask"], backend=backend)
+    elif layer.startswith("bgn"):
+        y = F.batch_group_norm(x, rm.numel(), rm, rv, w, b, training=True, backend=backend)
+    else:
+        win = CBNWindow(*(t.clone() for t in case["window"]))
+        y = F.cross_iteration_batch_norm(x, case["conv_input"].to(dtype), case["conv_weight"].to(w.dtype),
+                                         win, w, b, rm, rv, training=True, padding=1, backend=backend)
+        extra = {"window.mean": win.mean, "window.var": win.var}
+    y.backward(case["dy"].to(dtype))
+    return {"y": y, "dx": x.grad, "dweight": w.grad, "dbias": b.grad, "running_mean": rm,
+            "running_var": rv, **extra}
+
+
+def check_backends(devices, dtypes) -> list:
+    results = []
+    layers = ("stoch_norm", "bgn_G|C", "bgn_G=2C", "cbn")
+    for device in devices:
+        for backend in sx.available_backends():
+            if not _backend._supports(backend, torch.device(device)):
+                continue
+            for layer in layers:
+                case = _case_inputs(layer, device)
+                want = _run(layer, "reference", case, torch.float64)
+                for dtype in dtypes:
+                    if (backend == "triton" or backend == "reference") and dtype == torch.float64:
+                        continue  # triton computes in float32; the reference is the float64 oracle
+                    start = time.perf_counter()
+                    try:
+                        got = _run(layer, backend, case, dtype)
+                        err = max(_rel_err(got[k], want[k]) for k in want)
+                        ok = err <= TOLERANCE[dtype]
+                        detail = f"max rel err {err:.2e} (tol {TOLERANCE[dtype]:.0e})"
+                    except Exception as exc:  # report, keep checking the rest
+                        ok, detail = False, f"{type(exc).__name__}: {exc}"
+                    ms = (time.perf_counter() - start) * 1e3
+                    results.append((ok, f"{device:4s} {backend:9s} {layer:10s} {str(dtype)[6:]:8s} {detail} [{ms:.0f} ms]"))
+    return results
+
+
+def check_identities() -> list:
+    """The reference against torch.nn.BatchNorm2d where SPEC.md says they coincide."""
+    results = []
+    x = torch.randn(4, 8, 5, 5, dtype=torch.float64) * 3 + 1
+    layers = {
+        "StochNorm2d(p=1)": sx.StochNorm2d(8, p=1.0, backend="reference"),
+        "BatchGroupNorm2d(G=C)": sx.BatchGroupNorm2d(8, 8, backend="reference"),
+        "CrossIterationBatchNorm2d(window=1)": sx.CrossIterationBatchNorm2d(8, window=1, backend="reference"),
+    }
+    for name, layer in layers.items():
+        bn = torch.nn.BatchNorm2d(8).double()
+        layer.double()
+        err = 0.0
+        for _ in range(3):
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = layer(xa), bn(xb)
+            dy = torch.randn_like(ya)
+            ya.backward(dy)
+            yb.backward(dy)
+            err = max(err, _rel_err(ya, yb), _rel_err(xa.grad, xb.grad),
+                      _rel_err(layer.running_var, bn.running_var))
+        results.append((err < 1e-12, f"reference {name} == nn.BatchNorm2d: max rel err {err:.1e}"))
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
+                        help="devices to check (default: cpu, and cuda when present)")
+    args = parser.parse_args(argv)
+    devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    print(f"stochnorm_ext {sx.__version__}, torch {torch.__version__}, devices {devices}")
+    for name, reason in sx.backends().items():
+        print(f"  backend {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")
+    results = check_identities()
+    dtypes = [torch.float64, torch.float32, torch.bfloat16]
+    results += check_backends(devices, dtypes)
+    for ok, line in results:
+        print(("PASS " if ok else "FAIL ") + line)
+    failed = sum(not ok for ok, _ in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
