@@ -21,7 +21,23 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") \
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 import torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
+
+# A C++ extension is tied to the torch it was compiled against: pin that minor version.
+_TORCH = Version(torch.__version__.split("+")[0])
+TORCH_REQUIREMENT = f"torch>={_TORCH.major}.{_TORCH.minor},<{_TORCH.major}.{_TORCH.minor + 1}"
+if _TORCH < Version("2.11"):
+    sys.exit(f"stochnorm_ext needs torch >= 2.11 to build, found {torch.__version__}")
+
+
+def _read_version():
+    """The single source of the version: ``__version__`` in stochnorm_ext/__init__.py."""
+    with open(os.path.join(HERE, "stochnorm_ext", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("no __version__ in stochnorm_ext/__init__.py")
 
 
 def _flag(name):
@@ -87,14 +103,16 @@ def extensions():
 
 setup(
     name="stochnorm_ext",
-    version="0.1.0",
+    version=_read_version(),
     description="Fused StochNorm, Batch Group Normalization and Cross-Iteration BatchNorm for PyTorch",
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
+    classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12",
+                 "Programming Language :: C++", "Environment :: GPU :: NVIDIA CUDA"],
     packages=["stochnorm_ext", "stochnorm_ext.triton_kernels"],
     package_dir={"stochnorm_ext": "stochnorm_ext", "stochnorm_ext.triton_kernels": "triton_kernels"},
-    install_requires=["torch>=2.11"],
+    install_requires=[TORCH_REQUIREMENT],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
