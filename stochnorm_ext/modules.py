@@ -95,17 +95,28 @@ class _NormBase(nn.Module):
                 f"track_running_stats={self.track_running_stats}")
 
     def _check_input(self, x) -> None:
-        _checks.check_input(x, self.num_features, self._allowed_dims, type(self).__name__)
+        name = type(self).__name__
+        _checks.check_input(x, self.num_features, self._allowed_dims, name)
+        for t in (self.weight, self.running_mean):
+            if t is not None and t.device != x.device:
+                raise RuntimeError(f"{name}: the input is on {x.device} but the layer's parameters "
+                                   f"and buffers are on {t.device}")
 
-    def _momentum_factor(self, count_step: bool) -> float:
-        """BatchNorm's update factor; counts the step when ``count_step``."""
+    def _momentum_factor(self, counted: bool) -> float:
+        """BatchNorm's update factor for this step; ``counted``: the step will be counted in
+        ``num_batches_tracked`` (by ``_count_step`` once the call has succeeded)."""
+        if self.momentum is not None:
+            return self.momentum
         if not (self.training and self.track_running_stats):
-            return 0.0 if self.momentum is None else self.momentum
-        if count_step:
+            return 0.0
+        # Cumulative moving average over the steps counted so far, this one included.
+        return 1.0 / max(float(self.num_batches_tracked) + (1 if counted else 0), 1.0)
+
+    def _count_step(self) -> None:
+        """Count a training step; called after the step succeeded, so a call that raised
+        leaves num_batches_tracked as it was."""
+        if self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            return 1.0 / max(float(self.num_batches_tracked), 1.0)
-        return self.momentum
 
     # Activation checkpointing: the recomputed forward reuses what the original one saw.
     def _stash_put(self, value) -> None:
@@ -187,9 +198,11 @@ class _StochNorm(_NormBase):
         mask = draw_mask(self.num_features, self.p, input.device)
         if not torch.compiler.is_compiling():
             self._stash_put((mask, self.running_mean.clone(), self.running_var.clone()))
-        momentum = self._momentum_factor(count_step=True)
-        return _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                           momentum, self.eps, self.p, mask, None, self.backend, update_stats=True)
+        y = _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                        self._momentum_factor(counted=True), self.eps, self.p, mask, None,
+                        self.backend, update_stats=True)
+        self._count_step()
+        return y
 
 
 class StochNorm1d(_StochNorm):
@@ -251,10 +264,12 @@ class _BatchGroupNorm(_NormBase):
         update = self.training and not recompute and input.shape[0] > 0
         if update:
             _checks.check_values_per_statistic(input.numel() // self.num_groups, input, type(self).__name__)
-        momentum = self._momentum_factor(count_step=update)
-        return _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
-                                 self.weight, self.bias, self.training, momentum, self.eps,
-                                 self.backend, update_stats=update)
+        y = _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
+                              self.weight, self.bias, self.training, self._momentum_factor(update),
+                              self.eps, self.backend, update_stats=update)
+        if update:
+            self._count_step()
+        return y
 
 
 class BatchGroupNorm1d(_BatchGroupNorm):
@@ -420,12 +435,15 @@ class CrossIterationBatchNorm2d(_NormBase):
                 _checks.check_values_per_statistic(input.numel() // input.shape[1], input, name)
                 past = compensated_past(self._window(), self._conv.weight, self.rho, self.burnin)
                 self._stash_put(past)
-        momentum = self._momentum_factor(count_step=update)
-        return _cross_iteration(input, conv_input, self._conv.weight if self._conv is not None else None,
-                                self._geometry, self._window() if use_window else None, self.weight,
-                                self.bias, self.running_mean, self.running_var, self.training,
-                                momentum, self.eps, self.rho, self.burnin, self.backend, past,
-                                update_state=update)
+        conv_weight = self._conv.weight if self._conv is not None else None
+        y = _cross_iteration(input, conv_input, conv_weight, self._geometry,
+                             self._window() if use_window else None, self.weight, self.bias,
+                             self.running_mean, self.running_var, self.training,
+                             self._momentum_factor(update), self.eps, self.rho, self.burnin,
+                             self.backend, past, update_state=update)
+        if update:
+            self._count_step()
+        return y
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
