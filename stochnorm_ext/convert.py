@@ -27,7 +27,7 @@ def _bn_dims(bn: nn.Module, conv: Optional[nn.Module]) -> int:
     for cls, d in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3)):
         if type(bn) is cls or (isinstance(bn, cls) and not isinstance(bn, nn.SyncBatchNorm)):
             return d
-    for cls, d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+    for cls, d in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3), (nn.Linear, 1)):
         if isinstance(conv, cls):
             return d
     return 2
@@ -117,10 +117,23 @@ def find_conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
     directly (its only input, whose output goes nowhere else). Uses ``torch.fx`` tracing;
     where tracing fails, falls back to module order (a BN right after a Conv2d with as many
     output channels as the BN has features)."""
+    return _feeding_modules(model, (nn.Conv2d,))
+
+
+# Modules whose type tells a SyncBatchNorm's dimensionality.
+_DIM_SOURCES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _out_features(module: nn.Module) -> Optional[int]:
+    return getattr(module, "out_channels", getattr(module, "out_features", None))
+
+
+def _feeding_modules(model: nn.Module, types) -> Dict[str, str]:
+    """BN name -> name of the module of one of ``types`` that feeds it directly."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # untraceable model (data-dependent control flow, ...)
-        return _pairs_by_order(model)
+        return _pairs_by_order(model, types)
     modules = dict(model.named_modules())
     pairs = {}
     for node in graph.nodes:
@@ -128,18 +141,18 @@ def find_conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
             continue
         src = node.args[0] if node.args else None
         if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1
-                and modules[src.target].out_channels == modules[node.target].num_features):
+                and isinstance(modules.get(src.target), types) and len(src.users) == 1
+                and _out_features(modules[src.target]) == modules[node.target].num_features):
             pairs[node.target] = src.target
     return pairs
 
 
-def _pairs_by_order(model: nn.Module) -> Dict[str, str]:
+def _pairs_by_order(model: nn.Module, types=(nn.Conv2d,)) -> Dict[str, str]:
     pairs, prev = {}, None
     for name, module in model.named_modules():
         if isinstance(module, _BN_TYPES) and prev is not None:
             pname, pmod = prev
-            if isinstance(pmod, nn.Conv2d) and pmod.out_channels == module.num_features:
+            if isinstance(pmod, types) and _out_features(pmod) == module.num_features:
                 pairs[name] = pname
         if not list(module.children()):
             prev = (name, module)
@@ -184,6 +197,9 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
         return _make(kind, model, None, "", options)
     bns: List[Tuple[str, nn.Module]] = [(n, m) for n, m in model.named_modules() if isinstance(m, _BN_TYPES)]
     pairs = find_conv_bn_pairs(model) if bns else {}
+    # SyncBatchNorm has no dimensionality of its own: take it from the module feeding it
+    sources = (_feeding_modules(model, _DIM_SOURCES)
+               if any(isinstance(m, nn.SyncBatchNorm) for _, m in bns) else pairs)
     modules = dict(model.named_modules())
     skipped = []
     for name, bn in bns:
@@ -191,7 +207,8 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
         if kind == "cbn" and conv is None:
             skipped.append(name)
             continue
-        new = _make(kind, bn, conv, name, options)
+        source = modules.get(sources[name]) if name in sources else None
+        new = _make(kind, bn, source, name, options)
         if kind == "cbn":
             new.bind(conv)
         _set_submodule(model, name, new)

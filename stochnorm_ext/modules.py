@@ -9,8 +9,11 @@ fusion) must not mistake them for it.
 Under activation checkpointing (``torch.utils.checkpoint``) a training forward that is
 recomputed during backward reuses what the original forward saw (StochNorm's mask and
 pre-update running statistics, CBN's compensated window) and changes no state, so one
-training forward stays one step. Each training forward must then be followed by its own
-backward before the layer's next training forward; otherwise the recomputation raises.
+training forward stays one step. The layer keeps what its latest training forward saw, so
+each checkpointed training forward must be followed by its own backward before the layer's
+next training forward (the usual loop). A second recomputation of the same forward raises;
+a recomputation of an *older* forward (two checkpointed forwards, then the first one's
+backward) cannot be told apart and would use the newer forward's mask/window.
 """
 from __future__ import annotations
 
@@ -413,19 +416,21 @@ class CrossIterationBatchNorm2d(_NormBase):
         self._check_input(input)
         name = type(self).__name__
         use_window = self.training and self.window > 1
+        recompute = self.training and _in_backward_recompute()
         if use_window:
             if self._conv is None:
                 raise RuntimeError(f"{name} with window={self.window} needs its conv in training: "
                                    "call bind(conv) (or use convert_model / Conv2dCBN)")
-            if conv_input is None:
-                captured, self._captured = self._captured, None
+            captured, self._captured = self._captured, None
+            # A recomputation (activation checkpointing) reuses the stashed window and
+            # stores nothing, so it needs no conv input: the conv may have run outside.
+            if conv_input is None and not recompute:
                 if captured is None or captured[1] != tuple(input.shape):
                     raise RuntimeError(
                         f"{name}: the bound conv did not produce this input in this forward "
                         f"(expected its output of shape {tuple(input.shape)}); the layer must "
                         "directly follow the conv it is bound to")
                 conv_input = captured[0]
-        recompute = self.training and _in_backward_recompute()
         update = self.training and not recompute and input.shape[0] > 0
         past = None
         if use_window and input.shape[0] > 0:
@@ -437,13 +442,23 @@ class CrossIterationBatchNorm2d(_NormBase):
                 self._stash_put(past)
         conv_weight = self._conv.weight if self._conv is not None else None
         y = _cross_iteration(input, conv_input, conv_weight, self._geometry,
-                             self._window() if use_window else None, self.weight, self.bias,
+                             self._window() if use_window and not recompute else None,
+                             self.weight, self.bias,
                              self.running_mean, self.running_var, self.training,
                              self._momentum_factor(update), self.eps, self.rho, self.burnin,
                              self.backend, past, update_state=update)
         if update:
             self._count_step()
         return y
+
+    def _apply(self, fn, recurse=True):
+        # <dmu, W(tau)> and <dvar, W(tau)> stay float64 whatever .half()/.float()/.to(dtype)
+        # does to the other buffers: their differences with <., W(t)> need the precision.
+        exact = {k: self._buffers.pop(k) for k in ("window_dmu_w", "window_dvar_w") if k in self._buffers}
+        super()._apply(fn, recurse)
+        for key, t in exact.items():
+            self._buffers[key] = t.to(device=self.window_mean.device)
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

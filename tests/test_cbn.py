@@ -1,0 +1,425 @@
+"""Cross-Iteration BatchNorm against a published-style formulation written here (Python
+lists of past steps, autograd Jacobians of the raw moments, the nu' - mu'^2 rule), the
+window's ring buffer, checkpoints, activation checkpointing, Conv2dCBN, deepcopy/pickle."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import stochnorm_ext as sx
+
+BACKEND = "reference"
+EPS = 1e-5
+TIGHT = dict(rtol=1e-9, atol=1e-10)
+
+
+class PublishedCBN:
+    """CBN the way the published code computes it, with eps inside the square root (our
+    convention) and the burn-in of SPEC.md (the first ``burnin`` steps are plain BN and
+    store nothing). Past steps live in Python lists, newest first: (mu, nu, dmu/dW, dnu/dW,
+    W) with the Jacobians from torch.autograd.grad of the channel mean and mean of squares.
+    """
+
+    def __init__(self, conv, C, window, burnin, rho, momentum, gamma, beta, rm, rv):
+        self.conv, self.C, self.window, self.burnin, self.rho = conv, C, window, burnin, rho
+        self.momentum = momentum
+        self.gamma = gamma.detach().clone().requires_grad_()
+        self.beta = beta.detach().clone().requires_grad_()
+        self.rm, self.rv = rm.detach().clone(), rv.detach().clone()
+        self.pre = []
+        self.step = 0
+        self.dropped = 0  # (entry, channel) pairs dropped by the nu' - mu'^2 < 0 rule
+        self.max_shift = 0.0  # largest |mu' - mu_tau|: the compensation matters
+
+    def parameters(self):
+        return [self.gamma, self.beta]
+
+    def __call__(self, inp):
+        W = self.conv.weight
+        x = self.conv(inp)
+        C = self.C
+        flat = x.transpose(0, 1).reshape(C, -1)
+        mu_t = flat.mean(1)
+        nu_t = (flat * flat).mean(1)
+        use = self.window > 1 and self.step >= self.burnin
+        mus, nus, keeps = [mu_t], [nu_t], [torch.ones(C, dtype=torch.bool)]
+        if use:
+            Wd = W.detach()
+            for m, n, dm, dn, w_tau in self.pre:
+                dW = Wd - w_tau
+                m2 = m + self.rho * (dm * dW).flatten(1).sum(1)
+                n2 = n + self.rho * (dn * dW).flatten(1).sum(1)
+                keep = (n2 - m2 * m2) >= 0
+                self.dropped += int((~keep).sum())
+                self.max_shift = max(self.max_shift, float((m2 - m).abs().max()))
+                mus.append(m2)
+                nus.append(n2)
+                keeps.append(keep)
+            ones = torch.ones_like(mu_t)
+            dmu = torch.autograd.grad(mu_t, W, ones, retain_graph=True)[0]
+            dnu = torch.autograd.grad(nu_t, W, ones, retain_graph=True)[0]
+        keep = torch.stack(keeps).to(x.dtype)
+        count = keep.sum(0)
+        mu = (torch.stack(mus) * keep).sum(0) / count
+        var = (torch.stack(nus) * keep).sum(0) / count - mu * mu
+        y = (x - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + EPS)
+        y = y * self.gamma.view(1, -1, 1, 1) + self.beta.view(1, -1, 1, 1)
+        with torch.no_grad():
+            M = flat.shape[1]
+            var_unbiased = (nu_t - mu_t * mu_t) * M / (M - 1)
+            self.rm.mul_(1 - self.momentum).add_(self.momentum * mu_t)
+            self.rv.mul_(1 - self.momentum).add_(self.momentum * var_unbiased)
+        if use:
+            entry = (mu_t.detach(), nu_t.detach(), dmu, dnu, W.detach().clone())
+            self.pre = [entry] + self.pre[: self.window - 2]
+        self.step += 1
+        return y
+
+
+CONVS = {
+    "stride2_pad1_groups2_dil2": dict(in_channels=4, out_channels=6, kernel_size=3, stride=2,
+                                      padding=1, groups=2, dilation=2),
+    "same_asymmetric": dict(in_channels=4, out_channels=6, kernel_size=(2, 3), padding="same",
+                            dilation=(1, 2)),
+    "reflect_stride2": dict(in_channels=3, out_channels=6, kernel_size=3, stride=2, padding=1,
+                            padding_mode="reflect"),
+    "replicate_rect": dict(in_channels=3, out_channels=6, kernel_size=(3, 2), padding=(1, 2),
+                           padding_mode="replicate", bias=False),
+    "circular_groups3": dict(in_channels=6, out_channels=6, kernel_size=3, padding=1,
+                             padding_mode="circular", groups=3),
+    "pointwise": dict(in_channels=3, out_channels=6, kernel_size=1, bias=False),
+}
+
+
+def _make_pair(conv_kwargs, window=3, burnin=2, rho=1.0, momentum=0.2, dtype=torch.float64):
+    conv = nn.Conv2d(**conv_kwargs).to(dtype)
+    C = conv.out_channels
+    cbn = sx.CrossIterationBatchNorm2d(C, window=window, burnin=burnin, rho=rho, momentum=momentum,
+                                       backend=BACKEND).to(dtype).bind(conv)
+    with torch.no_grad():
+        cbn.weight.copy_(1 + 0.4 * torch.randn(C))
+        cbn.bias.copy_(0.3 * torch.randn(C))
+        cbn.running_mean.copy_(torch.randn(C))
+        cbn.running_var.copy_(0.5 + torch.rand(C))
+    conv_ref = copy.deepcopy(conv)
+    for hook_id in list(conv_ref._forward_hooks):  # the deep copy carries a hook; drop it
+        del conv_ref._forward_hooks[hook_id]
+    ref = PublishedCBN(conv_ref, C, window, burnin, rho, momentum, cbn.weight, cbn.bias,
+                       cbn.running_mean, cbn.running_var)
+    return conv, cbn, ref
+
+
+def _compare_runs(conv, cbn, ref, steps, lr, N=4, HW=9, jump_at=None):
+    Cin = conv.in_channels
+    opt_a = torch.optim.SGD(list(conv.parameters()) + list(cbn.parameters()), lr=lr)
+    opt_b = torch.optim.SGD(list(ref.conv.parameters()) + ref.parameters(), lr=lr)
+    for step in range(steps):
+        inp = torch.randn(N, Cin, HW, HW - 1, dtype=torch.float64) * 1.5 + 0.3
+        ia, ib = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        ya = cbn(conv(ia))
+        yb = ref(ib)
+        torch.testing.assert_close(ya, yb, **TIGHT, msg=f"output, step {step}")
+        dy = torch.randn_like(ya)
+        ya.backward(dy)
+        yb.backward(dy)
+        torch.testing.assert_close(ia.grad, ib.grad, **TIGHT, msg=f"input grad, step {step}")
+        torch.testing.assert_close(conv.weight.grad, ref.conv.weight.grad, **TIGHT,
+                                   msg=f"conv weight grad, step {step}")
+        if conv.bias is not None:
+            torch.testing.assert_close(conv.bias.grad, ref.conv.bias.grad, **TIGHT)
+        torch.testing.assert_close(cbn.weight.grad, ref.gamma.grad, **TIGHT)
+        torch.testing.assert_close(cbn.bias.grad, ref.beta.grad, **TIGHT)
+        opt_a.step()
+        opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        if jump_at == step:
+            with torch.no_grad():
+                g = torch.randn_like(conv.weight) * 3 * conv.weight.abs().mean()
+                conv.weight += g
+                ref.conv.weight += g
+        torch.testing.assert_close(cbn.running_mean, ref.rm, **TIGHT)
+        torch.testing.assert_close(cbn.running_var, ref.rv, **TIGHT)
+        assert int(cbn.step) == ref.step
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("name", list(CONVS))
+def test_cbn_matches_published_formulation(name):
+    """6 SGD steps, window 3, burn-in 2, float64: outputs, input/conv-weight/affine grads and
+    running statistics equal the published-style computation."""
+    conv, cbn, ref = _make_pair(CONVS[name], window=3, burnin=2)
+    _compare_runs(conv, cbn, ref, steps=6, lr=0.5)
+    assert ref.max_shift > 1e-3, "the weights barely moved: the compensation went untested"
+    assert int(cbn.window_valid.sum()) == 2
+
+
+def test_cbn_drops_entries_with_negative_compensated_variance():
+    """A large weight jump makes some compensated variances negative: those entries are
+    dropped per channel (others kept), exactly as the published rule says."""
+    conv, cbn, ref = _make_pair(CONVS["pointwise"], window=4, burnin=0)
+    _compare_runs(conv, cbn, ref, steps=6, lr=0.3, jump_at=3)
+    assert ref.dropped > 0
+
+
+@pytest.mark.parametrize("window", [2, 5])
+def test_cbn_long_window_and_no_burnin(window):
+    conv, cbn, ref = _make_pair(CONVS["stride2_pad1_groups2_dil2"], window=window, burnin=0)
+    _compare_runs(conv, cbn, ref, steps=7, lr=0.3)
+    assert int(cbn.window_valid.sum()) == window - 1
+
+
+def test_cbn_rho_zero_is_plain_averaging():
+    """rho = 0: mean and variance pooled over the stored steps without any compensation,
+    computed here from plain per-step batch statistics."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    cbn = sx.CrossIterationBatchNorm2d(5, window=3, burnin=1, rho=0.0, backend=BACKEND).double().bind(conv)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    history = []  # (mean, biased var) of the steps after burn-in
+    for step in range(6):
+        h = conv(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+        y = cbn(h)
+        hd = h.detach()
+        var_t, mu_t = torch.var_mean(hd, dim=(0, 2, 3), correction=0)
+        stats = [(mu_t, var_t)] + (history[:2] if step >= 1 else [])
+        mus = torch.stack([m for m, _ in stats])
+        vars_ = torch.stack([v for _, v in stats])
+        mu = mus.mean(0)
+        var = (vars_ + (mus - mu) ** 2).mean(0)
+        want = (hd - mu.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + EPS)
+        want = want * cbn.weight.view(1, -1, 1, 1) + cbn.bias.view(1, -1, 1, 1)
+        torch.testing.assert_close(y, want, **TIGHT)
+        if step >= 1:
+            history = [(mu_t, var_t)] + history
+        y.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_cbn_ring_buffer_state():
+    """step counts every training step; nothing is stored during burn-in; then one entry per
+    step goes to slot head, head wraps around window - 1 slots; eval changes nothing."""
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    cbn = sx.CrossIterationBatchNorm2d(4, window=3, burnin=2, backend=BACKEND).double().bind(conv)
+    assert cbn.window_mean.shape == (2, 4) and cbn.window_dvar.shape == (2, 4, 3, 3, 3)
+    assert cbn.window_dmu.shape == (2, 1, 3, 3, 3)
+    expected_valid = [[False, False], [False, False], [True, False], [True, True], [True, True],
+                      [True, True]]
+    expected_head = [0, 0, 1, 0, 1, 0]
+    means = []
+    for step in range(6):
+        h = conv(torch.randn(4, 3, 5, 5, dtype=torch.float64) + step)
+        cbn(h)
+        means.append(h.detach().mean((0, 2, 3)))
+        assert int(cbn.step) == step + 1
+        assert cbn.window_valid.tolist() == expected_valid[step], step
+        assert int(cbn.window_head) == expected_head[step], step
+    # slots hold the newest two steps (4 -> slot 0 and 5 -> slot 1 after wrapping)
+    torch.testing.assert_close(cbn.window_mean[0], means[4])
+    torch.testing.assert_close(cbn.window_mean[1], means[5])
+    cbn.eval()
+    before = {k: v.clone() for k, v in cbn.state_dict().items()}
+    cbn(conv(torch.randn(4, 3, 5, 5, dtype=torch.float64)))
+    for k, v in cbn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the step counter is CBN's own, not num_batches_tracked
+    assert int(cbn.num_batches_tracked) == 6 and "step" in before
+    cbn.reset_window()
+    assert not cbn.window_valid.any() and int(cbn.window_head) == 0
+
+
+def _model(seed=0, **cbn_kwargs):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(3, 6, 3, stride=2, padding=1, groups=1).double()
+    cbn = sx.CrossIterationBatchNorm2d(6, backend=BACKEND, **cbn_kwargs).double()
+    cbn.bind(conv)
+    return nn.Sequential(conv, cbn, nn.ReLU(), nn.Conv2d(6, 2, 1).double())
+
+
+def _train_steps(model, inputs, lr=0.3, wrap=None):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    outs = []
+    for inp in inputs:
+        x = inp.clone().requires_grad_()
+        y = wrap(model, x) if wrap else model(x)
+        assert bool(torch.isfinite(y).all())
+        y.square().mean().backward()
+        outs.append((y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]))
+        opt.step()
+        opt.zero_grad()
+    return outs
+
+
+def _inputs(n, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(n)]
+
+
+def _assert_runs_equal(ra, rb, exact=True):
+    kw = dict(rtol=0, atol=0) if exact else TIGHT
+    for (ya, ga, pa), (yb, gb, pb) in zip(ra, rb):
+        torch.testing.assert_close(ya, yb, **kw)
+        torch.testing.assert_close(ga, gb, **kw)
+        for a, b in zip(pa, pb):
+            torch.testing.assert_close(a, b, **kw)
+
+
+def _assert_state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_state_dict_mid_run_resumes_bit_exactly():
+    inputs = _inputs(7)
+    a = _model(window=3, burnin=1)
+    _train_steps(a, inputs[:3])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    assert any(k.startswith("1.window_") for k in sd) and "1.step" in sd
+    b = _model(seed=123, window=3, burnin=1)  # fresh, differently initialised, bound
+    b.load_state_dict(sd)
+    _assert_state_equal(a, b)
+    _assert_runs_equal(_train_steps(a, inputs[3:]), _train_steps(b, inputs[3:]), exact=True)
+    _assert_state_equal(a, b)
+
+
+def test_batchnorm_state_dict_loads_into_bound_cbn_with_empty_window():
+    a = _model(window=3)
+    _train_steps(a, _inputs(3))
+    assert a[1].window_valid.any()
+    bn = nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        bn.weight.normal_()
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.num_batches_tracked.fill_(1000)
+    a[1].load_state_dict(bn.state_dict())
+    assert not a[1].window_valid.any() and int(a[1].window_head) == 0 and int(a[1].step) == 0
+    torch.testing.assert_close(a[1].running_mean, bn.running_mean, rtol=0, atol=0)
+    assert int(a[1].num_batches_tracked) == 1000
+    # the next training step is plain BN (empty window), then the window fills again
+    h = a[0](torch.randn(4, 3, 8, 8, dtype=torch.float64))
+    torch.testing.assert_close(a[1](h), bn(h.detach()), **TIGHT)
+    assert int(a[1].window_valid.sum()) == 1
+
+
+def test_cbn_checkpoint_into_unbound_cbn_raises():
+    a = _model(window=3)
+    _train_steps(a, _inputs(2))
+    fresh = sx.CrossIterationBatchNorm2d(6, window=3)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(RuntimeError, match="bind"):
+        fresh.load_state_dict(a[1].state_dict())
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("scope", ["conv+cbn", "block", "cbn"])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_is_one_step(use_reentrant, scope):
+    """Checkpointing recomputes the forward in backward; the recomputation must neither push
+    the window nor update running statistics again: outputs, gradients and state equal
+    training without checkpointing."""
+    inputs = _inputs(5)
+    plain = _model(window=3, burnin=1)
+    ckpt = copy.deepcopy(plain)
+    if scope == "conv+cbn":
+        def wrap(m, x):
+            h = checkpoint(lambda t: m[1](m[0](t)), x, use_reentrant=use_reentrant)
+            return m[3](m[2](h))
+    elif scope == "block":
+        def wrap(m, x):
+            return checkpoint(m, x, use_reentrant=use_reentrant)
+    else:  # only the CBN layer: the conv ran outside, its input was captured then
+        def wrap(m, x):
+            h = checkpoint(m[1], m[0](x), use_reentrant=use_reentrant)
+            return m[3](m[2](h))
+    _assert_runs_equal(_train_steps(plain, inputs), _train_steps(ckpt, inputs, wrap=wrap), exact=False)
+    _assert_state_equal(plain, ckpt)
+    assert int(ckpt[1].step) == 5 and int(ckpt[1].num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("conv_kwargs", [dict(stride=2, padding=1, groups=2, dilation=2),
+                                         dict(padding="same", padding_mode="reflect")])
+def test_conv2dcbn_equals_bound_cbn(conv_kwargs):
+    torch.manual_seed(0)
+    fused = sx.Conv2dCBN(4, 6, 3, bias=True, window=3, burnin=1, rho=0.7, backend=BACKEND,
+                         **conv_kwargs).double()
+    conv = nn.Conv2d(4, 6, 3, bias=True, **conv_kwargs).double()
+    cbn = sx.CrossIterationBatchNorm2d(6, window=3, burnin=1, rho=0.7, backend=BACKEND).double()
+    conv.load_state_dict(fused.conv.state_dict())
+    cbn.bind(conv)
+    cbn.load_state_dict(fused.norm.state_dict())
+    bound = nn.Sequential(conv, cbn)
+    g = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(5)]
+    _assert_runs_equal(_train_steps(fused, inputs), _train_steps(bound, inputs), exact=False)
+    sa, sb = fused.state_dict(), bound.state_dict()
+    for k in sa:
+        kb = k.replace("conv.", "0.").replace("norm.", "1.")
+        torch.testing.assert_close(sa[k], sb[kb], **TIGHT, msg=k)
+    assert int(fused.norm.window_valid.sum()) == 2
+
+
+def _hook_targets(conv):
+    return [h.cbn for h in conv._forward_hooks.values() if hasattr(h, "cbn")]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_keep_the_hook_on_the_copied_layer(how):
+    inputs = _inputs(6)
+    model = _model(window=3)
+    _train_steps(model, inputs[:2])
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin[1].bound_conv is twin[0]
+    assert _hook_targets(twin[0]) == [twin[1]]
+    assert _hook_targets(model[0]) == [model[1]]
+    _assert_state_equal(model, twin)
+    # the copy trains on its own: same results as the original, no cross-talk
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    rb = _train_steps(twin, inputs[2:4])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    ra = _train_steps(model, inputs[2:4])
+    _assert_runs_equal(ra, rb, exact=True)
+    twin[1].unbind()
+    assert len(twin[0]._forward_hooks) == 0 and len(model[0]._forward_hooks) == 1
+    _train_steps(model, inputs[4:])  # the original still works
+
+
+def test_eval_needs_no_conv_and_uses_running_stats():
+    cbn = sx.CrossIterationBatchNorm2d(4, window=3, backend=BACKEND).double().eval()
+    with torch.no_grad():
+        cbn.running_mean.normal_()
+        cbn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    bn = nn.BatchNorm2d(4).double().eval()
+    bn.load_state_dict(cbn.state_dict(), strict=False)
+    torch.testing.assert_close(cbn(x), bn(x), **TIGHT)
+
+
+def test_rebinding_empties_the_window_and_moves_the_hook():
+    a = _model(window=3)
+    _train_steps(a, _inputs(3))
+    other = nn.Conv2d(3, 6, 3, stride=2, padding=1).double()
+    a[1].bind(other)
+    assert not a[1].window_valid.any()
+    assert len(a[0]._forward_hooks) == 0 and _hook_targets(other) == [a[1]]
+    h = other(torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    a[1](h)
+    assert int(a[1].window_valid.sum()) == 1
