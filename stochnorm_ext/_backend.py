@@ -61,6 +61,18 @@ def _load(name: str):
     return module
 
 
+def preload() -> None:
+    """Import the backends a default selection can pick, so the first call inside
+    ``torch.compile(fullgraph=True)`` does not have to import a module (a graph break).
+    Triton is imported only where it can run (a CUDA device, or the interpreter)."""
+    import importlib.util
+    for name in ("reference", "cpu", "cuda"):
+        _load(name)
+    if (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") \
+            and importlib.util.find_spec("triton") is not None:
+        _load("triton")
+
+
 def backends() -> Dict[str, Optional[str]]:
     """Every backend name mapped to ``None`` if it is available here, else the reason why not.
 

@@ -23,8 +23,9 @@ import stochnorm_ext as sx  # noqa: E402
 from stochnorm_ext import _backend, functional as F  # noqa: E402
 from stochnorm_ext.cbn_window import CBNWindow  # noqa: E402
 
-# Max error relative to the reference's largest magnitude, per input dtype.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Max error relative to the reference's largest magnitude, per input dtype (float64: the
+# Triton kernels take momentum and eps as float32 scalars, which costs ~1e-9).
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -97,8 +98,8 @@ def check_backends(devices, dtypes) -> list:
                 case = _case_inputs(layer, device)
                 want = _run(layer, "reference", case, torch.float64)
                 for dtype in dtypes:
-                    if (backend == "triton" or backend == "reference") and dtype == torch.float64:
-                        continue  # triton computes in float32; the reference is the float64 oracle
+                    if backend == "reference" and dtype == torch.float64:
+                        continue  # the float64 reference is the oracle itself
                     start = time.perf_counter()
                     try:
                         got = _run(layer, backend, case, dtype)
