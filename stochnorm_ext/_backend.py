@@ -50,7 +50,7 @@ def _load(name: str):
         else:  # the backend exists but something it needs is not installed or not built
             _missing[name] = f"{type(exc).__name__}: {exc}"
         return None
-    except ImportError as exc:
+    except Exception as exc:  # a backend that fails to import must not break the others
         _missing[name] = f"{type(exc).__name__}: {exc}"
         return None
     reason = getattr(module, "UNAVAILABLE", None)

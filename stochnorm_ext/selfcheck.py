@@ -103,7 +103,9 @@ def check_backends(devices, dtypes) -> list:
                     start = time.perf_counter()
                     try:
                         got = _run(layer, backend, case, dtype)
-                        err = max(_rel_err(got[k], want[k]) for k in want)
+                        errors = [_rel_err(got[k], want[k]) for k in want]
+                        # max() would drop a NaN that is not first: any NaN fails the check
+                        err = float("nan") if any(e != e for e in errors) else max(errors)
                         ok = err <= TOLERANCE[dtype]
                         detail = f"max rel err {err:.2e} (tol {TOLERANCE[dtype]:.0e})"
                     except Exception as exc:  # report, keep checking the rest
