@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_venv.sh
-.venv/bin/python -m stochnorm_ext.selfcheck "$@"
+.venv/bin/python -m stochnorm_ext.bench "$@"
