@@ -10,15 +10,23 @@ from . import functional, reference
 from ._backend import BACKEND_NAMES, available_backends, backends
 from .cbn_window import CBNWindow
 from .convert import convert_model, find_conv_bn_pairs
+from .finetune import L2SP, InputNorm, bn_param_groups, bn_scale_init_, l2sp_penalty
+from .deploy import PiecewiseAffine, fold_into_conv, to_batchnorm
 from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __version__ = "0.1.0"
+
+from . import _backend as _backend_module  # noqa: E402
+
+_backend_module.preload()
 
 __all__ = [
     "StochNorm1d", "StochNorm2d", "StochNorm3d",
     "BatchGroupNorm1d", "BatchGroupNorm2d", "BatchGroupNorm3d",
     "CrossIterationBatchNorm2d", "Conv2dCBN", "CBNWindow",
     "convert_model", "find_conv_bn_pairs", "functional", "reference",
+    "to_batchnorm", "fold_into_conv", "PiecewiseAffine",
     "backends", "available_backends", "BACKEND_NAMES", "__version__",
+    "L2SP", "l2sp_penalty", "bn_scale_init_", "bn_param_groups", "InputNorm",
 ]
