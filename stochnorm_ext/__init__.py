@@ -2,6 +2,8 @@
 
 Modules: ``StochNorm1d/2d/3d``, ``BatchGroupNorm1d/2d/3d``, ``CrossIterationBatchNorm2d``
 (and ``Conv2dCBN``); ``convert_model(model, kind)`` swaps a model's BatchNorm layers;
+``convert_sync(model)`` turns on statistics synchronised across processes
+(``torch.distributed``, see ``stochnorm_ext.distributed``);
 ``stochnorm_ext.functional`` has the differentiable functions; ``stochnorm_ext.reference``
 the pure-PyTorch definitions every backend is tested against; ``backends()`` says which
 backends (``reference``, ``cpu``, ``triton``, ``cuda``) are available here.
@@ -10,6 +12,7 @@ from . import functional, reference
 from ._backend import BACKEND_NAMES, available_backends, backends
 from .cbn_window import CBNWindow
 from .convert import convert_model, find_conv_bn_pairs
+from .distributed import convert_sync
 from .finetune import L2SP, InputNorm, bn_param_groups, bn_scale_init_, l2sp_penalty
 from .deploy import PiecewiseAffine, fold_into_conv, to_batchnorm
 from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
@@ -25,7 +28,7 @@ __all__ = [
     "StochNorm1d", "StochNorm2d", "StochNorm3d",
     "BatchGroupNorm1d", "BatchGroupNorm2d", "BatchGroupNorm3d",
     "CrossIterationBatchNorm2d", "Conv2dCBN", "CBNWindow",
-    "convert_model", "find_conv_bn_pairs", "functional", "reference",
+    "convert_model", "find_conv_bn_pairs", "convert_sync", "functional", "reference",
     "to_batchnorm", "fold_into_conv", "PiecewiseAffine",
     "backends", "available_backends", "BACKEND_NAMES", "__version__",
     "L2SP", "l2sp_penalty", "bn_scale_init_", "bn_param_groups", "InputNorm",

@@ -8,16 +8,18 @@ Storage per stored step ``tau`` (a ring buffer of ``window - 1`` slots)::
 
     mean  (K, C)                      mu_tau
     var   (K, C)                      var_tau (biased)
-    dmu   (K, Gc, Cin/Gc, kh, kw)     d mu / d W_c: one slice per conv group
-    dvar  (K, C, Cin/Gc, kh, kw)      d var / d W_c = 2 mean((x_c - mu) * patch)
+    dmu   (K, Gc, Cin/Gc*kh*kw)       d mu / d W_c: one slice per conv group
+    dvar  (K, C, Cin/Gc*kh*kw)        d var / d W_c = 2 mean((x_c - mu) * patch)
     dmu_w (K, C)  float64             <dmu_tau, W_c(tau)>   (instead of storing W(tau))
     dvar_w(K, C)  float64             <dvar_tau, W_c(tau)>
     valid (K,)    bool                which slots hold an entry
     head  ()      int64               slot the next entry goes to
     step  ()      int64               CBN's own training-step counter (burn-in)
 
-All updates are tensor operations (no host synchronisation), so a training step can be
-captured by torch.compile or a CUDA graph.
+The Jacobians are stored flattened to 3D: ``model.to(memory_format=torch.channels_last)``
+converts every 4D/5D tensor of a model, and a weight-shaped 5D buffer cannot take that
+format. All updates are tensor operations (no host synchronisation), so a training step
+can be captured by torch.compile or a CUDA graph.
 """
 from __future__ import annotations
 
@@ -94,8 +96,8 @@ class CBNWindow(NamedTuple):
         f = dict(device=device, dtype=dtype)
         return CBNWindow(
             mean=torch.zeros(K, C, **f), var=torch.zeros(K, C, **f),
-            dmu=torch.zeros(K, conv_groups, cin_g, kh, kw, **f),
-            dvar=torch.zeros(K, C, cin_g, kh, kw, **f),
+            dmu=torch.zeros(K, conv_groups, cin_g * kh * kw, **f),
+            dvar=torch.zeros(K, C, cin_g * kh * kw, **f),
             dmu_w=torch.zeros(K, C, device=device, dtype=torch.float64),
             dvar_w=torch.zeros(K, C, device=device, dtype=torch.float64),
             valid=torch.zeros(K, dtype=torch.bool, device=device),
@@ -111,8 +113,8 @@ def _dots_with_weight(window: CBNWindow, conv_weight: Tensor) -> Tuple[Tensor, T
     C = conv_weight.shape[0]
     w = conv_weight.detach().to(torch.float64)
     dmu = window.dmu.to(torch.float64)
-    dmu_dot = torch.einsum("kgi,gci->kgc", dmu.reshape(K, G, -1), w.reshape(G, C // G, -1))
-    dvar_dot = torch.einsum("kci,ci->kc", window.dvar.to(torch.float64).reshape(K, C, -1), w.reshape(C, -1))
+    dmu_dot = torch.einsum("kgi,gci->kgc", dmu, w.reshape(G, C // G, -1))
+    dvar_dot = torch.einsum("kci,ci->kc", window.dvar.to(torch.float64), w.reshape(C, -1))
     return dmu_dot.reshape(K, C), dvar_dot
 
 
@@ -187,8 +189,8 @@ def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar
         dmu_w = torch.einsum("gi,gci->gc", dmu.to(torch.float64).reshape(G, -1),
                              w.reshape(G, C // G, -1)).reshape(C)
         dvar_w = (dvar.to(torch.float64).reshape(C, -1) * w.reshape(C, -1)).sum(1)
-        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu),
-                         (window.dvar, dvar), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
+        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu.reshape(G, -1)),
+                         (window.dvar, dvar.reshape(C, -1)), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
                          (window.valid, torch.ones((), dtype=torch.bool, device=store.device))):
             old = buf.index_select(0, slot)
             buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).unsqueeze(0), old))

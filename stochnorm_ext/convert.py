@@ -16,9 +16,10 @@ _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _KINDS = ("stochnorm", "bgn", "cbn")
 # Options each kind accepts besides those copied from the BatchNorm being replaced.
 _OPTIONS = {
-    "stochnorm": {"p", "eps", "momentum", "backend"},
-    "bgn": {"num_groups", "eps", "momentum", "affine", "track_running_stats", "backend"},
-    "cbn": {"window", "burnin", "rho", "eps", "momentum", "backend"},
+    "stochnorm": {"p", "eps", "momentum", "backend", "sync", "process_group"},
+    "bgn": {"num_groups", "eps", "momentum", "affine", "track_running_stats", "backend", "sync",
+            "process_group"},
+    "cbn": {"window", "burnin", "rho", "eps", "momentum", "backend", "sync", "process_group"},
 }
 
 
@@ -82,18 +83,19 @@ def _make(kind: str, bn: nn.Module, conv: Optional[nn.Module], name: str, option
     eps = get("eps", bn.eps)
     momentum = get("momentum", bn.momentum)
     backend = options.get("backend")
+    common = dict(backend=backend, sync=get("sync", False), process_group=get("process_group", None))
     if kind == "stochnorm":
         if not bn.track_running_stats:
             raise ValueError(f"convert_model: {name!r} has no running statistics, which StochNorm needs")
         cls = {1: StochNorm1d, 2: StochNorm2d, 3: StochNorm3d}[dims]
-        new = cls(C, eps=eps, momentum=momentum, affine=bn.affine, p=get("p", 0.5), backend=backend)
+        new = cls(C, eps=eps, momentum=momentum, affine=bn.affine, p=get("p", 0.5), **common)
         _copy_params(bn, new)
         _copy_running(bn, new, bn.running_mean, bn.running_var)
     elif kind == "bgn":
         G = _resolve_groups(options.get("num_groups"), C, name)
         cls = {1: BatchGroupNorm1d, 2: BatchGroupNorm2d, 3: BatchGroupNorm3d}[dims]
         new = cls(C, G, eps=eps, momentum=momentum, affine=get("affine", bn.affine),
-                  track_running_stats=get("track_running_stats", bn.track_running_stats), backend=backend)
+                  track_running_stats=get("track_running_stats", bn.track_running_stats), **common)
         _copy_params(bn, new)
         if bn.track_running_stats and new.track_running_stats:
             _copy_running(bn, new, *_pooled_group_stats(bn.running_mean, bn.running_var, G))
@@ -101,7 +103,7 @@ def _make(kind: str, bn: nn.Module, conv: Optional[nn.Module], name: str, option
         new = CrossIterationBatchNorm2d(C, window=get("window", 4), burnin=get("burnin", 0),
                                         rho=get("rho", 1.0), eps=eps, momentum=momentum,
                                         affine=bn.affine, track_running_stats=bn.track_running_stats,
-                                        backend=backend)
+                                        **common)
         _copy_params(bn, new)
         if bn.track_running_stats:
             _copy_running(bn, new, bn.running_mean, bn.running_var)
@@ -181,9 +183,15 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
         ``window``, ``burnin``, ``rho``, ``eps``, ``momentum``, ``backend``. A BatchNorm that
         no conv feeds directly is left as it is, with a warning.
 
+    Every kind also takes ``sync`` and ``process_group``: ``sync=True`` makes the new layers
+    take their training statistics over the processes of ``process_group`` (None: the
+    default group; see ``stochnorm_ext.distributed``).
+
     Options not given are taken from each BatchNorm (eps, momentum, affine,
     track_running_stats). Copies are made: the new layers share no tensor with the old.
-    ``SyncBatchNorm`` becomes the variant matching the conv that feeds it (2d otherwise).
+    ``SyncBatchNorm`` becomes the variant matching the conv that feeds it (2d otherwise);
+    it is synchronised only with ``sync=True`` (an ``nn.SyncBatchNorm`` silently stops
+    syncing without an initialised process group, ours raise instead).
     """
     if kind not in _KINDS:
         raise ValueError(f"convert_model: kind must be one of {', '.join(_KINDS)}, got {kind!r}")

@@ -10,6 +10,10 @@ cumulative-average factor ``1 / num_batches_tracked``.
 Outputs keep the input's dtype and memory format; statistics accumulate in float32
 (float64 for float64 input); parameters and running buffers may be float32 while the
 input is float16/bfloat16 (autocast).
+
+``sync=True`` takes the training statistics over every process of ``process_group``
+(None: the default ``torch.distributed`` group), see ``stochnorm_ext.distributed``; it
+needs an initialised process group in training and is ignored in eval.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, distributed
 from ._backend import resolve
 from .cbn_window import CBNWindow, ConvGeometry, compensated_past, conv_jacobians, push_entry
 
@@ -45,6 +49,16 @@ def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -
     return _finish(_affine(x.to(_checks.accumulate_dtype(x)), weight, bias), x)
 
 
+def _syncing(sync: bool, process_group, training: bool, layer: str) -> bool:
+    """Whether this call synchronises its statistics (training with ``sync=True`` only);
+    raises before anything changes when it should but cannot."""
+    if not isinstance(sync, bool):
+        raise TypeError(f"{layer}: sync must be a bool, got {type(sync).__name__}")
+    if sync and training:
+        distributed.check_ready(process_group, layer)
+    return sync and training
+
+
 def draw_mask(num_features: int, p: float, device=None, generator: Optional[torch.Generator] = None
               ) -> Tensor:
     """StochNorm's per-channel branch choice: ``rand(C) < p`` with the PyTorch generator
@@ -61,7 +75,7 @@ def stoch_norm(
     input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
     p: float = 0.5, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, sync: bool = False, process_group=None,
 ) -> Tensor:
     """Stochastic Normalization (StochNorm, Kou et al. 2020) of ``input`` ``(N, C, *S)``.
 
@@ -75,13 +89,17 @@ def stoch_norm(
     Unlike the published code, both branches are never computed (each channel is
     normalised once), the mask is a tensor drawn with the PyTorch generator on the input's
     device, and the moving branch's gradient uses the pre-update running variance.
+
+    ``sync=True``: batch statistics over the processes of ``process_group`` in training,
+    with the mask of the group's first rank on every rank.
     """
     return _stoch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       p, mask, generator, backend, update_stats=True)
+                       p, mask, generator, backend, update_stats=True, sync=sync,
+                       process_group=process_group)
 
 
 def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, p, mask,
-                generator, backend, update_stats):
+                generator, backend, update_stats, sync=False, process_group=None):
     layer = "stoch_norm"
     _checks.check_input(x, None, (2, 3, 4, 5), layer)
     C = x.shape[1]
@@ -96,12 +114,17 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         if mask.device != x.device:
             raise RuntimeError(f"{layer}: mask is on {mask.device} but the input is on {x.device}")
     impl = resolve(backend, x.device)
-    if x.shape[0] == 0:
+    syncing = _syncing(sync, process_group, training, layer)
+    if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)
     if training:
-        _checks.check_values_per_statistic(x.numel() // C, x, layer)
+        if not syncing:  # with sync, the count over the whole group is checked
+            _checks.check_values_per_statistic(x.numel() // C, x, layer)
         if mask is None:
             mask = draw_mask(C, p, x.device, generator)
+    if syncing:
+        return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, momentum,
+                                      eps, update_stats, process_group, impl)
     return impl.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
                            eps, update_stats)
 
@@ -110,7 +133,7 @@ def batch_group_norm(
     input: Tensor, num_groups: int, running_mean: Optional[Tensor] = None,
     running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
-    eps: float = 1e-5, backend: Optional[str] = None,
+    eps: float = 1e-5, backend: Optional[str] = None, sync: bool = False, process_group=None,
 ) -> Tensor:
     """Batch Group Normalization (BGN, Zhou et al. 2020) of ``input`` ``(N, C, *S)``.
 
@@ -121,21 +144,28 @@ def batch_group_norm(
     of its flattened spatial positions; ``S % m == 0``, checked per call). Affine
     parameters are per channel ``(C,)``; running statistics per group ``(G,)``, used in
     eval when given (batch statistics otherwise). ``G == C`` is exactly BatchNorm.
+    ``sync=True``: training statistics over the processes of ``process_group`` (eval uses
+    the local batch when there are no running statistics, never a collective).
     """
     return _batch_group_norm(input, num_groups, running_mean, running_var, weight, bias, training,
-                             momentum, eps, backend, update_stats=True)
+                             momentum, eps, backend, update_stats=True, sync=sync,
+                             process_group=process_group)
 
 
 def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, training, momentum,
-                      eps, backend, update_stats):
+                      eps, backend, update_stats, sync=False, process_group=None):
     layer = "batch_group_norm"
     _checks.check_input(x, None, (2, 3, 4, 5), layer)
     _checks.check_hyper("num_groups", num_groups, low=1, integer=True)
     _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps)
     _checks.check_groups_fit(num_groups, x, layer)
     impl = resolve(backend, x.device)
-    if x.shape[0] == 0:
+    syncing = _syncing(sync, process_group, training, layer)
+    if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)
+    if syncing:
+        return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var,
+                                            momentum, eps, update_stats, process_group, impl)
     if training or running_mean is None:
         _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
     return impl.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
@@ -157,7 +187,7 @@ def cross_iteration_batch_norm(
     running_var: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
     eps: float = 1e-5, rho: float = 1.0, burnin: int = 0, stride: _IntPair = 1,
     padding: _IntPair = 0, dilation: _IntPair = 1, groups: int = 1,
-    backend: Optional[str] = None,
+    backend: Optional[str] = None, sync: bool = False, process_group=None,
 ) -> Tensor:
     """Cross-Iteration Batch Normalization (CBN, Yao et al. 2021) of ``input`` ``(N, C, H, W)``,
     the output of ``conv2d(conv_input, conv_weight, stride, padding, dilation, groups)``.
@@ -174,12 +204,16 @@ def cross_iteration_batch_norm(
     BN), a numerically stable variance, closed-form Jacobians, and the window kept in
     tensors that a checkpoint saves. Gradients treat the compensated past statistics as
     constants, as the published code does.
+
+    ``sync=True``: the current statistics over the processes of ``process_group`` in
+    training, and the stored Jacobians averaged over them (every rank stores the same entry).
     """
     geometry = ConvGeometry(_pair(stride, "stride"), _pair(padding, "padding"),
                             _pair(dilation, "dilation"), groups)
     return _cross_iteration(input, conv_input, conv_weight, geometry, window, weight, bias,
                             running_mean, running_var, training, momentum, eps, rho, burnin,
-                            backend, past=None, update_state=True)
+                            backend, past=None, update_state=True, sync=sync,
+                            process_group=process_group)
 
 
 def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, window: CBNWindow):
@@ -193,12 +227,12 @@ def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, windo
             raise ValueError(f"{layer}: {name} must be 4D, got shape {tuple(t.shape)}")
     C, cin_g, kh, kw = conv_weight.shape
     G = geometry.groups
-    if C != x.shape[1] or C % G or tuple(window.dvar.shape[1:]) != (C, cin_g, kh, kw) \
+    if C != x.shape[1] or C % G or tuple(window.dvar.shape[1:]) != (C, cin_g * kh * kw) \
             or window.dmu.shape[1] != G:
         raise ValueError(
             f"{layer}: conv_weight of shape {tuple(conv_weight.shape)} with groups={G} does not fit "
-            f"the input's {x.shape[1]} channels and the window (made for dvar "
-            f"{tuple(window.dvar.shape[1:])}, {window.dmu.shape[1]} groups)")
+            f"the input's {x.shape[1]} channels and the window (made for {window.dvar.shape[1]} "
+            f"channels of {window.dvar.shape[2]} weights each, {window.dmu.shape[1]} groups)")
     if conv_input.shape[1] != cin_g * G or conv_input.shape[0] != x.shape[0]:
         raise ValueError(f"{layer}: conv_input of shape {tuple(conv_input.shape)} does not fit "
                          f"conv_weight {tuple(conv_weight.shape)} with groups={G} and input batch {x.shape[0]}")
@@ -213,7 +247,8 @@ def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, windo
 
 
 def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
-                     running_var, training, momentum, eps, rho, burnin, backend, past, update_state):
+                     running_var, training, momentum, eps, rho, burnin, backend, past, update_state,
+                     sync=False, process_group=None):
     """The whole CBN step. ``past`` (precomputed compensated entries) is given when the
     module recomputes a step under activation checkpointing; ``update_state=False`` then
     leaves running statistics and the window alone."""
@@ -229,20 +264,30 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
     if use_window:
         _check_conv(layer, x, conv_input, conv_weight, geometry, window)
     impl = resolve(backend, x.device)
-    if x.shape[0] == 0:
+    syncing = _syncing(sync, process_group, training, layer)
+    if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)
     batch_stats = training or running_mean is None
-    if batch_stats:
+    if batch_stats and not syncing:
         _checks.check_values_per_statistic(x.numel() // C, x, layer)
     if use_window and past is None:
         past = compensated_past(window, conv_weight, rho, burnin)
     if past is None:
         empty = x.new_zeros(0, C, dtype=_checks.accumulate_dtype(x))
         past = (empty, empty, empty.to(torch.bool))
-    y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
-                                               training, momentum, eps, update_state)
+    if syncing:
+        y, mu_t, var_t = distributed.cross_iteration_norm(x, weight, bias, running_mean, running_var,
+                                                          *past, momentum, eps, update_state,
+                                                          process_group, impl)
+    else:
+        y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
+                                                   training, momentum, eps, update_state)
     if use_window and update_state:
-        dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+        if syncing:  # the Jacobians averaged over the group: every rank stores the same entry
+            dmu, dvar = distributed.conv_jacobians(conv_input, conv_weight, x, mu_t, geometry,
+                                                   process_group)
+        else:
+            dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
         push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
     elif training and update_state and window is not None:
         window.step.add_(1)

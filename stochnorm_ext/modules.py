@@ -14,6 +14,11 @@ each checkpointed training forward must be followed by its own backward before t
 next training forward (the usual loop). A second recomputation of the same forward raises;
 a recomputation of an *older* forward (two checkpointed forwards, then the first one's
 backward) cannot be told apart and would use the newer forward's mask/window.
+
+Every layer takes ``sync=False, process_group=None``: with ``sync=True`` the training
+statistics are taken over all processes of ``process_group`` (None: the default group),
+like ``nn.SyncBatchNorm`` (see ``stochnorm_ext.distributed``; ``convert_sync`` turns it on
+for a whole model). Eval never syncs.
 """
 from __future__ import annotations
 
@@ -48,7 +53,8 @@ class _NormBase(nn.Module):
     _layer_name = "norm"
 
     def __init__(self, num_features: int, stats_size: int, eps: float, momentum: Optional[float],
-                 affine: bool, track_running_stats: bool, backend: Optional[str]):
+                 affine: bool, track_running_stats: bool, backend: Optional[str],
+                 sync: bool = False, process_group=None):
         super().__init__()
         _checks.check_hyper("num_features", num_features, low=1, integer=True)
         _checks.check_hyper("eps", eps, low=0.0)
@@ -63,6 +69,10 @@ class _NormBase(nn.Module):
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.backend = backend
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        self.sync = sync
+        self.process_group = process_group
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features))
             self.bias = nn.Parameter(torch.empty(num_features))
@@ -95,7 +105,7 @@ class _NormBase(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}")
+                f"track_running_stats={self.track_running_stats}" + (", sync=True" if self.sync else ""))
 
     def _check_input(self, x) -> None:
         name = type(self).__name__
@@ -104,6 +114,9 @@ class _NormBase(nn.Module):
             if t is not None and t.device != x.device:
                 raise RuntimeError(f"{name}: the input is on {x.device} but the layer's parameters "
                                    f"and buffers are on {t.device}")
+        if self.sync and self.training:
+            from .distributed import check_ready
+            check_ready(self.process_group, name)
 
     def _momentum_factor(self, counted: bool) -> float:
         """BatchNorm's update factor for this step; ``counted``: the step will be counted in
@@ -167,6 +180,8 @@ class _StochNorm(_NormBase):
         track_running_stats: must be True (the moving branch needs running statistics).
         p: probability of the batch branch, in [0, 1].
         backend: ``"reference" | "cpu" | "triton" | "cuda"`` or None for the best available.
+        sync: take the training statistics over the processes of ``process_group`` (None:
+            the default group), like ``nn.SyncBatchNorm``; every rank uses the first rank's mask.
 
     The state dict is that of ``nn.BatchNorm*d``: a pretrained BN loads directly.
     Differences from the published code: the mask is drawn on the input's device with the
@@ -177,11 +192,12 @@ class _StochNorm(_NormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, p: float = 0.5,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, sync: bool = False, process_group=None):
         _checks.check_hyper("p", p, low=0.0, high=1.0)
         if not track_running_stats:
             raise ValueError("StochNorm needs running statistics: track_running_stats must be True")
-        super().__init__(num_features, num_features, eps, momentum, affine, track_running_stats, backend)
+        super().__init__(num_features, num_features, eps, momentum, affine, track_running_stats, backend,
+                         sync, process_group)
         self.p = float(p)
 
     def extra_repr(self) -> str:
@@ -189,21 +205,24 @@ class _StochNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
-        if not self.training or input.shape[0] == 0:
+        # A synchronised step runs on every rank, an empty local batch included.
+        if not self.training or (input.shape[0] == 0 and not self.sync):
             return _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                self.training, 0.0 if self.momentum is None else self.momentum,
                                self.eps, self.p, None, None, self.backend, update_stats=False)
         if _in_backward_recompute():
             mask, moving_mean, moving_var = self._stash_take()
             return _stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
-                               self.eps, self.p, mask, None, self.backend, update_stats=False)
-        _checks.check_values_per_statistic(input.numel() // input.shape[1], input, type(self).__name__)
+                               self.eps, self.p, mask, None, self.backend, update_stats=False,
+                               sync=self.sync, process_group=self.process_group)
+        if not self.sync:  # with sync, the count over the whole group is checked
+            _checks.check_values_per_statistic(input.numel() // input.shape[1], input, type(self).__name__)
         mask = draw_mask(self.num_features, self.p, input.device)
         if not torch.compiler.is_compiling():
             self._stash_put((mask, self.running_mean.clone(), self.running_var.clone()))
         y = _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
                         self._momentum_factor(counted=True), self.eps, self.p, mask, None,
-                        self.backend, update_stats=True)
+                        self.backend, update_stats=True, sync=self.sync, process_group=self.process_group)
         self._count_step()
         return y
 
@@ -242,6 +261,8 @@ class _BatchGroupNorm(_NormBase):
         track_running_stats: keep ``(G,)`` running statistics, used in eval; without
             them eval uses batch statistics.
         backend: ``"reference" | "cpu" | "triton" | "cuda"`` or None.
+        sync: take the training statistics over the processes of ``process_group`` (None:
+            the default group), like ``nn.SyncBatchNorm``.
 
     Affine parameters are per channel ``(C,)``, running statistics per group ``(G,)``.
     With ``G > C`` the running statistics belong to spatial positions: eval at another
@@ -251,10 +272,12 @@ class _BatchGroupNorm(_NormBase):
 
     def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, backend: Optional[str] = None):
+                 track_running_stats: bool = True, backend: Optional[str] = None,
+                 sync: bool = False, process_group=None):
         _checks.check_hyper("num_features", num_features, low=1, integer=True)
         _checks.check_num_groups(num_groups, num_features)
-        super().__init__(num_features, num_groups, eps, momentum, affine, track_running_stats, backend)
+        super().__init__(num_features, num_groups, eps, momentum, affine, track_running_stats, backend,
+                         sync, process_group)
         self.num_groups = num_groups
 
     def extra_repr(self) -> str:
@@ -264,12 +287,13 @@ class _BatchGroupNorm(_NormBase):
         self._check_input(input)
         _checks.check_groups_fit(self.num_groups, input, type(self).__name__)
         recompute = self.training and _in_backward_recompute()
-        update = self.training and not recompute and input.shape[0] > 0
-        if update:
+        update = self.training and not recompute and (input.shape[0] > 0 or self.sync)
+        if update and not self.sync:
             _checks.check_values_per_statistic(input.numel() // self.num_groups, input, type(self).__name__)
         y = _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
                               self.weight, self.bias, self.training, self._momentum_factor(update),
-                              self.eps, self.backend, update_stats=update)
+                              self.eps, self.backend, update_stats=update, sync=self.sync,
+                              process_group=self.process_group)
         if update:
             self._count_step()
         return y
@@ -330,6 +354,8 @@ class CrossIterationBatchNorm2d(_NormBase):
         burnin: plain-BN training steps before the window is used and filled.
         rho: scale of the Taylor compensation. eps, momentum, affine, track_running_stats,
         backend: as for the other layers.
+        sync: take the current statistics over the processes of ``process_group`` (None:
+            the default group) and average the stored Jacobians over them.
 
     Buffers: those of ``nn.BatchNorm2d``, ``step`` (this layer's own step counter) and,
     once bound, ``window_*`` (see ``stochnorm_ext.cbn_window``). Differences from the
@@ -342,11 +368,13 @@ class CrossIterationBatchNorm2d(_NormBase):
 
     def __init__(self, num_features: int, window: int = 4, burnin: int = 0, rho: float = 1.0,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, backend: Optional[str] = None):
+                 track_running_stats: bool = True, backend: Optional[str] = None,
+                 sync: bool = False, process_group=None):
         _checks.check_hyper("window", window, low=1, integer=True)
         _checks.check_hyper("burnin", burnin, low=0, integer=True)
         _checks.check_hyper("rho", rho)
-        super().__init__(num_features, num_features, eps, momentum, affine, track_running_stats, backend)
+        super().__init__(num_features, num_features, eps, momentum, affine, track_running_stats, backend,
+                         sync, process_group)
         self.window = window
         self.burnin = burnin
         self.rho = float(rho)
@@ -431,13 +459,16 @@ class CrossIterationBatchNorm2d(_NormBase):
                         f"(expected its output of shape {tuple(input.shape)}); the layer must "
                         "directly follow the conv it is bound to")
                 conv_input = captured[0]
-        update = self.training and not recompute and input.shape[0] > 0
+        # A synchronised step runs on every rank, an empty local batch included.
+        nonempty = input.shape[0] > 0 or self.sync
+        update = self.training and not recompute and nonempty
         past = None
-        if use_window and input.shape[0] > 0:
+        if use_window and nonempty:
             if recompute:
                 past = self._stash_take()
             else:
-                _checks.check_values_per_statistic(input.numel() // input.shape[1], input, name)
+                if not self.sync:  # with sync, the count over the whole group is checked
+                    _checks.check_values_per_statistic(input.numel() // input.shape[1], input, name)
                 past = compensated_past(self._window(), self._conv.weight, self.rho, self.burnin)
                 self._stash_put(past)
         conv_weight = self._conv.weight if self._conv is not None else None
@@ -446,7 +477,8 @@ class CrossIterationBatchNorm2d(_NormBase):
                              self.weight, self.bias,
                              self.running_mean, self.running_var, self.training,
                              self._momentum_factor(update), self.eps, self.rho, self.burnin,
-                             self.backend, past, update_state=update)
+                             self.backend, past, update_state=update, sync=self.sync,
+                             process_group=self.process_group)
         if update:
             self._count_step()
         return y

@@ -205,8 +205,8 @@ def test_cbn_ring_buffer_state():
     step goes to slot head, head wraps around window - 1 slots; eval changes nothing."""
     conv = nn.Conv2d(3, 4, 3, padding=1).double()
     cbn = sx.CrossIterationBatchNorm2d(4, window=3, burnin=2, backend=BACKEND).double().bind(conv)
-    assert cbn.window_mean.shape == (2, 4) and cbn.window_dvar.shape == (2, 4, 3, 3, 3)
-    assert cbn.window_dmu.shape == (2, 1, 3, 3, 3)
+    assert cbn.window_mean.shape == (2, 4) and cbn.window_dvar.shape == (2, 4, 3 * 3 * 3)
+    assert cbn.window_dmu.shape == (2, 1, 3 * 3 * 3)
     expected_valid = [[False, False], [False, False], [True, False], [True, True], [True, True],
                       [True, True]]
     expected_head = [0, 0, 1, 0, 1, 0]

@@ -1,0 +1,75 @@
+"""The ``"cpu"`` backend: the C++ kernels of ``stochnorm_ext._C`` through the custom ops of
+``_ops.py``. Same interface and semantics as ``reference.py`` (see ``_backend.py``): inputs
+are validated by ``functional``, running statistics are updated in place when
+``training and update_stats``, outputs keep the input's dtype and memory format.
+
+If the extension is not built, ``UNAVAILABLE`` says why and the package falls back to the
+reference backend.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+try:
+    from ._ops import defaults as ops
+except ImportError as exc:  # not built (or built against another torch)
+    UNAVAILABLE = f"the compiled extension stochnorm_ext._C could not be loaded ({exc})"
+    ops = None
+
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm"]
+
+
+def _values_per_channel(x: Tensor) -> int:
+    return x.numel() // x.shape[1]
+
+
+def stoch_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+    running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: float, eps: float,
+    update_stats: bool = True,
+) -> Tensor:
+    """StochNorm: see ``reference.stoch_norm``. Batch-branch channels (``mask``) use this
+    batch's statistics, the others the running statistics before this step's update; each
+    channel is normalised once. Eval: no mask, running statistics, nothing updated."""
+    y, batch_mean, batch_var, _, _ = ops.stoch_norm_forward(
+        x, weight, bias, running_mean, running_var, mask if training else None, eps)
+    if training and update_stats:
+        ops.update_running_stats(running_mean, running_var, batch_mean, batch_var, _values_per_channel(x),
+                                 momentum)
+    return y
+
+
+def batch_group_norm(
+    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+    momentum: float, eps: float, update_stats: bool = True,
+) -> Tensor:
+    """Batch Group Normalization: see ``reference.batch_group_norm``."""
+    use_batch_stats = training or running_mean is None
+    y, batch_mean, batch_var, _, _ = ops.batch_group_norm_forward(
+        x, num_groups, weight, bias, running_mean, running_var, use_batch_stats, eps)
+    if training and update_stats and running_mean is not None:
+        ops.update_running_stats(running_mean, running_var, batch_mean, batch_var, x.numel() // num_groups,
+                                 momentum)
+    return y
+
+
+def cross_iteration_norm(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor],
+    past_mean: Tensor, past_var: Tensor, past_keep: Tensor,
+    training: bool, momentum: float, eps: float, update_stats: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The normalisation step of CBN: see ``reference.cross_iteration_norm``. Returns
+    ``(y, mu_t, var_t)``, the current batch's statistics being what the window stores."""
+    use_batch_stats = training or running_mean is None
+    y, mu_t, var_t, _, _ = ops.cross_iteration_norm_forward(
+        x, weight, bias, running_mean, running_var, past_mean, past_var, past_keep, use_batch_stats, eps)
+    if not use_batch_stats:
+        return y, running_mean.detach(), running_var.detach()
+    if training and update_stats and running_mean is not None:
+        ops.update_running_stats(running_mean, running_var, mu_t, var_t, _values_per_channel(x), momentum)
+    return y, mu_t, var_t

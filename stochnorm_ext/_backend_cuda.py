@@ -1,0 +1,56 @@
+"""The ``"cuda"`` backend: the CUDA C++ kernels of ``stochnorm_ext._C`` (``csrc/cuda/``).
+
+The CUDA kernels are registered under the CUDA dispatch key of the same custom ops as the
+CPU ones (``torch.ops.stochnorm_ext.*``, schemas in ``csrc/ops.cpp``), and the fake
+implementations and autograd formulas of ``_ops.py`` are shared by every device. So the
+three layer functions are the device-agnostic wrappers of ``_backend_cpu`` (same interface
+and semantics as ``reference.py``, see ``_backend.py``); this module re-exports them and
+says whether CUDA kernels were compiled into the extension.
+
+``UNAVAILABLE`` is set when the extension is missing or was built without CUDA (nvcc or a
+CUDA build of torch absent at build time, or ``FORCE_CUDA=0``). A machine without a GPU
+but with a CUDA build still lists the backend as available; ``_backend`` only ever selects
+it for CUDA tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm"]
+
+# Every op of csrc/ops.cpp that has a device kernel (update_running_stats is
+# CompositeExplicitAutograd and runs everywhere).
+CUDA_OPS = (
+    "segment_stats", "segment_apply", "segment_grad_sums", "segment_grad_apply",
+    "stoch_norm_forward", "stoch_norm_backward",
+    "batch_group_norm_forward", "batch_group_norm_backward",
+    "cross_iteration_norm_forward", "cross_iteration_norm_backward",
+)
+
+UNAVAILABLE: Optional[str] = None
+
+
+def _missing_cuda_kernels():
+    """The ops of CUDA_OPS without a CUDA kernel (all of them for a CPU-only build)."""
+    return [name for name in CUDA_OPS
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"stochnorm_ext::{name}", "CUDA")]
+
+
+try:
+    from . import _ops  # noqa: F401  (loads _C: schemas, CPU and, if built, CUDA kernels)
+except ImportError as exc:  # not built (or built against another torch)
+    UNAVAILABLE = f"the compiled extension stochnorm_ext._C could not be loaded ({exc})"
+else:
+    _missing = _missing_cuda_kernels()
+    if len(_missing) == len(CUDA_OPS):
+        UNAVAILABLE = ("stochnorm_ext._C was built without CUDA kernels (rebuild with nvcc and a CUDA "
+                       "build of torch present, or FORCE_CUDA=1)")
+    elif _missing:
+        UNAVAILABLE = f"stochnorm_ext._C has no CUDA kernel for {', '.join(_missing)}"
+    del _missing
+
+# The layer functions only call torch.ops.stochnorm_ext.*, which dispatch on the tensors'
+# device: the CPU backend's wrappers serve CUDA tensors unchanged.
+from ._backend_cpu import batch_group_norm, cross_iteration_norm, stoch_norm  # noqa: E402,F401

@@ -1,0 +1,363 @@
+"""Synchronised statistics across processes (``torch.distributed``), like ``nn.SyncBatchNorm``.
+
+With ``sync=True`` (a layer argument, a ``convert_model`` option, or :func:`convert_sync`)
+a *training* forward takes its statistics over the union of the batches of every process
+of ``process_group`` (None: the default group), so W processes with batches
+``n_1 .. n_W`` compute what one process computes on the concatenated batch: outputs, input
+gradients, running statistics and CBN windows. Batch sizes may differ between processes
+(an empty batch included); statistics are merged with their counts. Parameter gradients
+stay local sums, as with ``nn.SyncBatchNorm``: ``DistributedDataParallel`` averages them.
+Eval never syncs (no collective runs in eval).
+
+One implementation serves every backend. Per layer and step::
+
+    forward   local per-segment (count, mean, M2)     backend kernel or plain PyTorch
+              all_gather; Chan merge in float64        one collective
+              per-layer coefficients                   tiny (C,) / (C, P) tables, PyTorch
+              y = (x - center) * scale + shift         backend kernel or plain PyTorch
+    backward  local per-segment sum(dy), sum(dy (x - center))
+              all_reduce in float64                    one collective
+              dx = k_dy dy + k_x (x - center) + k_0    backend kernel or plain PyTorch
+
+"Backend kernel" means the ops ``torch.ops.stochnorm_ext.segment_stats / segment_apply /
+segment_grad_sums / segment_grad_apply`` of the ``cpu`` (and ``cuda``) backend; the
+``reference`` and ``triton`` backends take the plain-PyTorch passes (the Triton backend
+exposes no per-segment entry points).
+
+Layer specifics:
+
+* StochNorm uses the mask of the group's first rank on every rank (it travels in the same
+  all-gather as the statistics), so the ranks never disagree even when their random
+  generators do.
+* BGN merges the statistics of each group's segments (whole channels for ``G | C``,
+  one spatial piece of a channel for ``G = m * C``).
+* CBN syncs the current statistics (the compensated past ones are the same on every rank:
+  same window, same weights) and averages the Jacobians ``dmu``/``dvar`` with count weights
+  (:func:`conv_jacobians`), so every rank stores the same window entry.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from ._checks import accumulate_dtype, memory_format_of
+from .cbn_window import ConvGeometry
+from .cbn_window import conv_jacobians as _local_conv_jacobians
+from .reference import update_running_stats
+
+__all__ = ["convert_sync", "check_ready", "stoch_norm", "batch_group_norm", "cross_iteration_norm",
+           "conv_jacobians"]
+
+
+# ------------------------------------------------------------------------------- public helpers
+def convert_sync(model: nn.Module, process_group: Optional["dist.ProcessGroup"] = None) -> nn.Module:
+    """Turn on synchronised statistics for every StochNorm, BGN and CBN layer of ``model``
+    (in place; returns ``model``), over ``process_group`` (None: the default group).
+
+    The counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm`` for this package's layers;
+    plain ``nn.BatchNorm*d`` layers are left alone (convert those with that function). To turn
+    sync off again, set ``layer.sync = False`` on the layers.
+    """
+    from .modules import _NormBase
+    for module in model.modules():
+        if isinstance(module, _NormBase):
+            module.sync = True
+            module.process_group = process_group
+    return model
+
+
+def check_ready(process_group, layer: str) -> None:
+    """Raise a RuntimeError naming what is missing when a synchronised training forward
+    cannot run: torch.distributed unavailable or not initialised, or this process not a
+    member of ``process_group``."""
+    if not dist.is_available():
+        raise RuntimeError(f"{layer}: sync=True needs torch.distributed, which this PyTorch build lacks")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{layer}: sync=True in training needs an initialised process group; call "
+            "torch.distributed.init_process_group(...) first, or use sync=False (eval never syncs)")
+    if process_group is not None and dist.get_rank(process_group) < 0:
+        raise RuntimeError(f"{layer}: this process (global rank {dist.get_rank()}) is not a member "
+                           "of the process_group given for sync")
+
+
+# ------------------------------------------------------------------------------- the big passes
+def _segments(x: Tensor, pieces: int) -> Tensor:
+    """x (N, C, *S) in the accumulation dtype, viewed as (N, C, pieces, S / pieces)."""
+    N, C = x.shape[:2]
+    return x.to(accumulate_dtype(x)).reshape(N, C, pieces, math.prod(x.shape[2:]) // pieces)
+
+
+def _table(t: Tensor) -> Tensor:
+    """A (C, P) table broadcast over (N, C, P, L)."""
+    return t.unsqueeze(0).unsqueeze(-1)
+
+
+class _TorchPasses:
+    """The four big passes in plain PyTorch (reference and triton backends, empty inputs)."""
+
+    @staticmethod
+    def stats(x: Tensor, pieces: int) -> Tuple[Tensor, Tensor]:
+        xs = _segments(x, pieces)
+        if xs.numel() == 0:
+            zeros = xs.new_zeros(xs.shape[1:3])
+            return zeros, zeros.clone()
+        var, mean = torch.var_mean(xs, dim=(0, 3), correction=0)
+        return mean, var * (xs.shape[0] * xs.shape[3])
+
+    @staticmethod
+    def apply(x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        xs = _segments(x, center.shape[1])
+        y = (xs - _table(center)) * _table(scale) + _table(shift)
+        return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+    @staticmethod
+    def grad_sums(dy: Tensor, x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
+        pieces = center.shape[1]
+        dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
+        return dys.sum((0, 3)), (dys * (xs - _table(center))).sum((0, 3))
+
+    @staticmethod
+    def grad_apply(dy, x, center, k_dy, k_x, k_0) -> Tensor:
+        pieces = center.shape[1]
+        dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
+        dx = _table(k_dy) * dys + _table(k_x) * (xs - _table(center)) + _table(k_0)
+        return dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+class _KernelPasses:
+    """The same passes on the backend's kernels, ``torch.ops.stochnorm_ext.segment_*``
+    (tables in the accumulation dtype). Empty inputs go to the PyTorch passes."""
+
+    @staticmethod
+    def stats(x, pieces):
+        if x.numel() == 0:
+            return _TorchPasses.stats(x, pieces)
+        return torch.ops.stochnorm_ext.segment_stats(x, pieces)
+
+    @staticmethod
+    def apply(x, center, scale, shift):
+        if x.numel() == 0:
+            return _TorchPasses.apply(x, center, scale, shift)
+        return torch.ops.stochnorm_ext.segment_apply(x, center, scale, shift)
+
+    @staticmethod
+    def grad_sums(dy, x, center):
+        if x.numel() == 0:
+            return _TorchPasses.grad_sums(dy, x, center)
+        return torch.ops.stochnorm_ext.segment_grad_sums(dy, x, center)
+
+    @staticmethod
+    def grad_apply(dy, x, center, k_dy, k_x, k_0):
+        if x.numel() == 0:
+            return _TorchPasses.grad_apply(dy, x, center, k_dy, k_x, k_0)
+        return torch.ops.stochnorm_ext.segment_grad_apply(dy, x, center, k_dy, k_x, k_0)
+
+
+def _passes(impl, x: Tensor):
+    """The backend's kernels when it runs on the ``segment_*`` ops (cpu, cuda) and they have
+    a kernel for x's device; plain PyTorch otherwise."""
+    name = getattr(impl, "__name__", "").rsplit(".", 1)[-1]
+    if name in ("_backend_cpu", "_backend_cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "stochnorm_ext::segment_stats", "CUDA" if x.device.type == "cuda" else "CPU"):
+        return _KernelPasses
+    return _TorchPasses
+
+
+# ------------------------------------------------------------------------------- statistics
+class _Moments(NamedTuple):
+    """Statistics merged over every rank of the group and ``k`` consecutive segments."""
+    count: int        # values per statistic, all ranks together
+    mean: Tensor      # (num_stats,) float64
+    var: Tensor       # (num_stats,) float64, biased
+    extra: Optional[Tensor]  # the first rank's ``extra`` payload (float64), if one was sent
+
+
+def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer: str,
+                    extra: Optional[Tensor] = None) -> _Moments:
+    """All-gather every rank's per-segment (count, mean, M2) and merge them (Chan's parallel
+    formula, in float64) over the ranks and over each run of ``k`` consecutive segments
+    (segment s = c * pieces + p; BGN's groups of whole channels have k = C / G).
+
+    Raises ValueError (on every rank alike, before any state changes) when a statistic
+    covers fewer than 2 values across the group."""
+    N, C = x.shape[:2]
+    local_count = x.numel() // (C * pieces)
+    mean, m2 = passes.stats(x, pieces)
+    parts = [torch.full((1,), float(local_count), dtype=torch.float64, device=x.device),
+             mean.double().flatten(), m2.double().flatten()]
+    if extra is not None:
+        parts.append(extra.double().flatten())
+    payload = torch.cat(parts)
+    gathered = [torch.empty_like(payload) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, payload, group=process_group)
+    table = torch.stack(gathered)                       # (W, 1 + 2 * C * P [+ extra])
+    segs = C * pieces
+    counts = table[:, 0].view(-1, 1, 1)
+    means = table[:, 1:1 + segs].view(-1, segs // k, k)
+    m2s = table[:, 1 + segs:1 + 2 * segs].view(-1, segs // k, k)
+    total = int(round(float(table[:, 0].sum()))) * k  # a host sync: the count is a Python number
+    if total < 2:
+        raise ValueError(f"{layer}: expected more than 1 value per statistic when training, got {total} "
+                         f"summed over the {table.shape[0]} processes of the group (local input of shape "
+                         f"{tuple(x.shape)})")
+    merged_mean = (counts * means).sum((0, 2)) / total
+    merged_m2 = (m2s + counts * (means - merged_mean.view(1, -1, 1)) ** 2).sum((0, 2))
+    extra_out = table[0, 1 + 2 * segs:] if extra is not None else None
+    return _Moments(total, merged_mean, merged_m2 / total, extra_out)
+
+
+# ------------------------------------------------------------------------------- apply + backward
+class _SyncApply(torch.autograd.Function):
+    """``y = (x - center) * weight * invstd + bias`` per segment, whose backward includes the
+    path through the synchronised statistics: the segment sums of the gradient are
+    all-reduced over the group and weighted by ``red`` (1 / values behind the statistic, or
+    0 where the statistics are constants, e.g. StochNorm's moving branch)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, center, invstd, red, k, process_group, passes):
+        C, P = center.shape
+        gamma = _per_channel(weight, C, center)
+        beta = _per_channel(bias, C, center, fill=0.0)
+        y = passes.apply(x, center, (gamma * invstd).contiguous(), beta.expand(C, P).contiguous())
+        ctx.save_for_backward(x, weight, center, invstd, red)
+        ctx.k, ctx.process_group, ctx.passes = k, process_group, passes
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, center, invstd, red = ctx.saved_tensors
+        C, P = center.shape
+        sum_dy, sum_dy_xc = ctx.passes.grad_sums(dy, x, center)   # local, (C, P)
+        gamma = _per_channel(weight, C, center)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # Reductions of the statistic each segment belongs to, over every rank.
+            sums = torch.stack([gamma * sum_dy, gamma * sum_dy_xc]).double()
+            dist.all_reduce(sums, group=ctx.process_group)
+            sums = sums.view(2, -1, ctx.k).sum(2, keepdim=True).expand(2, -1, ctx.k).reshape(2, C, P)
+            sums = sums.to(center.dtype)
+            k_x = -invstd ** 3 * sums[1] * red
+            k_0 = -invstd * sums[0] * red
+            grad_x = ctx.passes.grad_apply(dy, x, center, (gamma * invstd).contiguous(), k_x, k_0)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_w = (sum_dy_xc * invstd).sum(1).to(weight.dtype)   # local, as DDP expects
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = sum_dy.sum(1).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _per_channel(t: Optional[Tensor], C: int, like: Tensor, fill: float = 1.0) -> Tensor:
+    """A (C,) parameter (or None: ``fill``) as a (C, 1) column in the tables' dtype."""
+    if t is None:
+        return like.new_full((C, 1), fill)
+    return t.detach().to(like.dtype).view(C, 1)
+
+
+def _apply(x, weight, bias, center, invstd, red, k, process_group, passes) -> Tensor:
+    return _SyncApply.apply(x, weight, bias, center.contiguous(), invstd.contiguous(),
+                            red.contiguous(), k, process_group, passes)
+
+
+# ------------------------------------------------------------------------------- the three layers
+# Same arguments as the backends' functions (see _backend.py, training only) plus the group
+# and the backend module whose kernels to use; the functional forms call them when sync=True.
+
+def stoch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
+               running_var: Tensor, mask: Tensor, momentum: float, eps: float, update_stats: bool,
+               process_group, impl) -> Tensor:
+    """Training StochNorm with statistics over the group; the group's first rank's ``mask``
+    is used on every rank. See ``reference.stoch_norm`` for the math."""
+    passes = _passes(impl, x)
+    acc = accumulate_dtype(x)
+    moments = _global_moments(x, 1, 1, passes, process_group, "stoch_norm", extra=mask)
+    mask = moments.extra.to(torch.bool)
+    batch_mean, batch_var = moments.mean.to(acc), moments.var.to(acc)
+    # The moving branch uses the running statistics as they were before this step.
+    center = torch.where(mask, batch_mean, running_mean.detach().to(acc))
+    var = torch.where(mask, batch_var, running_var.detach().to(acc))
+    red = mask.to(acc) / moments.count  # moving-branch channels: constant statistics
+    invstd = torch.rsqrt(var + eps)
+    if update_stats:
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, moments.count, momentum)
+    return _apply(x, weight, bias, center.view(-1, 1), invstd.view(-1, 1), red.view(-1, 1), 1,
+                  process_group, passes)
+
+
+def batch_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
+                     eps: float, update_stats: bool, process_group, impl) -> Tensor:
+    """Training BGN with group statistics over the group of processes. See
+    ``reference.batch_group_norm``."""
+    passes = _passes(impl, x)
+    acc = accumulate_dtype(x)
+    C = x.shape[1]
+    pieces = 1 if C % num_groups == 0 else num_groups // C
+    k = C // num_groups if C % num_groups == 0 else 1     # segments per group
+    moments = _global_moments(x, pieces, k, passes, process_group, "batch_group_norm")
+    mean, var = moments.mean.to(acc), moments.var.to(acc)
+    if update_stats and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, var, moments.count, momentum)
+
+    def per_segment(t):  # (G,) -> (C, pieces)
+        return t.repeat_interleave(k).view(C, pieces)
+    red = torch.full_like(mean, 1.0 / moments.count)
+    return _apply(x, weight, bias, per_segment(mean), per_segment(torch.rsqrt(var + eps)),
+                  per_segment(red), k, process_group, passes)
+
+
+def cross_iteration_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         past_mean: Tensor, past_var: Tensor, past_keep: Tensor, momentum: float,
+                         eps: float, update_stats: bool, process_group, impl
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training CBN with the current statistics over the group (the compensated past ones
+    are the same on every rank). Returns ``(y, mu_t, var_t)`` with the group's current
+    statistics. See ``reference.cross_iteration_norm``."""
+    passes = _passes(impl, x)
+    acc = accumulate_dtype(x)
+    moments = _global_moments(x, 1, 1, passes, process_group, "cross_iteration_batch_norm")
+    mu_t, var_t = moments.mean.to(acc), moments.var.to(acc)
+    keep = past_keep.to(torch.bool)
+    p_mean = torch.where(keep, past_mean.to(acc), 0)
+    p_var = torch.where(keep, past_var.to(acc), 0)
+    count = 1 + keep.sum(0).to(acc)
+    mu = (mu_t + p_mean.sum(0)) / count
+    spread = (mu_t - mu) ** 2 + torch.where(keep, (p_mean - mu) ** 2, 0).sum(0)
+    var = (var_t + p_var.sum(0) + spread) / count
+    red = 1.0 / (count * moments.count)
+    if update_stats and running_mean is not None:
+        update_running_stats(running_mean, running_var, mu_t, var_t, moments.count, momentum)
+    y = _apply(x, weight, bias, mu.view(-1, 1), torch.rsqrt(var + eps).view(-1, 1), red.view(-1, 1), 1,
+               process_group, passes)
+    return y, mu_t, var_t
+
+
+def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
+                   geometry: ConvGeometry, process_group) -> Tuple[Tensor, Tensor]:
+    """CBN's Jacobians ``dmu``, ``dvar`` over the whole group: each rank's conv
+    weight-gradients (centred on the group's ``mu_t``) averaged with the ranks' value counts
+    by one all-reduce in float64. A rank with an empty batch contributes nothing."""
+    N, C, H, W = x.shape
+    local = N * H * W
+    acc = accumulate_dtype(x)
+    if local > 0:
+        dmu, dvar = _local_conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+    else:
+        cin_g, kh, kw = conv_weight.shape[1:]
+        dmu = conv_weight.new_zeros((geometry.groups, cin_g, kh, kw), dtype=acc)
+        dvar = conv_weight.new_zeros((C, cin_g, kh, kw), dtype=acc)
+    flat = torch.cat([dmu.double().flatten() * local, dvar.double().flatten() * local,
+                      dmu.new_full((1,), local, dtype=torch.float64)])
+    dist.all_reduce(flat, group=process_group)
+    total = flat[-1]
+    dmu = (flat[:dmu.numel()] / total).view(dmu.shape).to(dmu.dtype)
+    dvar = (flat[dmu.numel():-1] / total).view(dvar.shape).to(dvar.dtype)
+    return dmu, dvar

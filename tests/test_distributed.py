@@ -1,0 +1,273 @@
+"""Synchronised statistics across processes (``sync=True``, stochnorm_ext.distributed).
+
+The multi-process tests spawn W processes on this machine (gloo on CPU, rendezvous through
+a file in a temporary directory) with uneven batches, an empty one included, and compare
+them with one process on the concatenated batch: outputs, input gradients, parameter
+gradients (summed over the ranks, as DDP would), running statistics and CBN windows, after
+several optimiser steps; eval must run no collective. Two spawns cover every layer, both
+BGN groupings and every backend available here, plus DistributedDataParallel training of
+converted models. NCCL (GPUs) is not exercised here.
+"""
+import contextlib
+import copy
+import datetime
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import stochnorm_ext as sx
+from conftest import available
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+
+BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b, "cpu")]
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- process plumbing
+def _entry(rank, world, path, fn, args):
+    torch.set_num_threads(1)  # W processes share 2 cores
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world, fn, *args):
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes; a failure in any of them
+    fails the test with its traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world, join=True)
+
+
+def _slice(sizes, rank):
+    lo = sum(sizes[:rank])
+    return lo, lo + sizes[rank]
+
+
+@contextlib.contextmanager
+def _no_collectives():
+    """Any collective inside raises (eval must never sync)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective ran in eval")
+    saved = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "broadcast")}
+    for name in saved:
+        setattr(dist, name, forbidden)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+# --------------------------------------------------------------------------- layers
+# name -> (factory(**kwargs), per-sample input shape, memory format)
+LAYERS = {
+    "stochnorm1d": (lambda **kw: sx.StochNorm1d(6, p=0.5, momentum=None, **kw), (6,), None),
+    "stochnorm2d": (lambda **kw: sx.StochNorm2d(6, p=0.5, **kw), (6, 3, 4), torch.channels_last),
+    "stochnorm3d": (lambda **kw: sx.StochNorm3d(4, p=0.5, **kw), (4, 2, 3, 2), None),
+    "bgn1d_groups": (lambda **kw: sx.BatchGroupNorm1d(6, 2, **kw), (6, 5), None),
+    "bgn2d_groups": (lambda **kw: sx.BatchGroupNorm2d(6, 3, **kw), (6, 3, 4), torch.channels_last),
+    "bgn2d_pieces": (lambda **kw: sx.BatchGroupNorm2d(3, 6, **kw), (3, 4, 4), None),
+    "bgn3d_pieces": (lambda **kw: sx.BatchGroupNorm3d(2, 6, **kw), (2, 3, 2, 2), torch.channels_last_3d),
+    "cbn": (lambda **kw: sx.Conv2dCBN(3, 6, 3, padding=1, window=3, burnin=1, rho=0.8, **kw), (3, 5, 5), None),
+}
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for name, t in module.named_parameters():
+            t.copy_(torch.rand_like(t) + 0.5 if name.endswith("norm.weight") or name == "weight"
+                    else torch.randn_like(t) * 0.3)
+        for name, t in module.named_buffers():
+            if name.endswith("running_mean"):
+                t.copy_(torch.randn_like(t))
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _check_layer(rank, sizes, name, backend):
+    """3 training steps of one layer on this rank's slice against one process (the reference
+    backend, no sync) on the whole batch; then eval without collectives."""
+    factory, shape, fmt = LAYERS[name]
+    torch.manual_seed(0)
+    single = factory(backend="reference").double()
+    _randomize(single)
+    synced = factory(backend=backend, sync=True).double()
+    synced.load_state_dict(single.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.2) for m in (single, synced)]
+    lo, hi = _slice(sizes, rank)
+    total = sum(sizes)
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(total, *shape, generator=g, dtype=torch.float64) * 2 + 3
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        xs, xl = x.clone().requires_grad_(), x[lo:hi].detach().requires_grad_()
+        torch.manual_seed(7 + step)
+        ys = single(xs)
+        torch.manual_seed(7 + step + 1000 * rank)  # other ranks draw other masks: rank 0's must win
+        yl = synced(xl)
+        dy = torch.randn(ys.shape, generator=g, dtype=torch.float64)
+        ys.backward(dy)
+        yl.backward(dy[lo:hi])
+        what = f"{name}/{backend} step {step} rank {rank}"
+        _close(yl, ys[lo:hi], what + " output")
+        if fmt is not None and hi > lo:
+            assert yl.is_contiguous(memory_format=fmt), what
+        _close(xl.grad, xs.grad[lo:hi], what + " input gradient")
+        for (pname, ps), pl in zip(single.named_parameters(), synced.parameters()):
+            dist.all_reduce(pl.grad)  # what DDP does (it averages; the sum is the same check)
+            _close(pl.grad, ps.grad, f"{what} gradient of {pname}")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        for (bname, bs), bl in zip(single.state_dict().items(), synced.state_dict().values()):
+            if bs.is_floating_point():
+                _close(bl, bs, f"{what} {bname}")
+            else:
+                assert torch.equal(bl, bs), f"{what} {bname}"
+    single.eval()
+    synced.eval()
+    x = torch.randn(total, *shape, dtype=torch.float64)
+    with _no_collectives(), torch.no_grad():
+        _close(synced(x[lo:hi]), single(x)[lo:hi], f"{name}/{backend} eval")
+
+
+def _layers_worker(rank, world, sizes, backends):
+    for backend in backends:
+        for name in LAYERS:
+            _check_layer(rank, sizes, name, backend)
+    # No process group on a rank's way: a group that leaves this rank out is refused.
+    others = dist.new_group([r for r in range(world) if r != 0])
+    if rank == 0:
+        layer = sx.BatchGroupNorm2d(4, 2, sync=True, process_group=others)
+        with pytest.raises(RuntimeError, match="not a member"):
+            layer(torch.randn(2, 4, 2, 2))
+
+
+@pytest.mark.timeout(300)
+def test_every_layer_matches_one_process_on_the_whole_batch():
+    """3 processes with batches of 3, 1 and 0 samples (a lone sample: one value per statistic
+    locally, an empty batch: still a member of every collective)."""
+    _spawn(3, _layers_worker, (3, 1, 0), BACKENDS)
+
+
+# --------------------------------------------------------------------------- DDP
+def _small_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+KINDS = {
+    "stochnorm": ("stochnorm", dict(p=0.5)),
+    "bgn_groups": ("bgn", dict(num_groups=4)),
+    "bgn_pieces": ("bgn", dict(num_groups=16)),
+    "cbn": ("cbn", dict(window=3, burnin=1)),
+}
+
+
+def _ddp_worker(rank, world, sizes, kinds):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    lo, hi = _slice(sizes, rank)
+    total = sum(sizes)
+    for key in kinds:
+        kind, options = KINDS[key]
+        torch.manual_seed(0)
+        base = _small_model().double()
+        single = sx.convert_model(copy.deepcopy(base), kind, **options)
+        synced = sx.convert_sync(sx.convert_model(copy.deepcopy(base), kind, **options))
+        assert all(m.sync for m in synced.modules() if hasattr(m, "sync"))
+        ddp = DDP(synced)
+        opt_s = torch.optim.SGD(single.parameters(), lr=0.1)
+        opt_d = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(3):
+            g = torch.Generator().manual_seed(50 + step)
+            x = torch.randn(total, 3, 6, 6, generator=g, dtype=torch.float64)
+            target = torch.randint(0, 4, (total,), generator=g)
+            torch.manual_seed(step)
+            loss_s = nn.functional.cross_entropy(single(x), target)
+            loss_s.backward()
+            torch.manual_seed(step + 10 * rank)
+            # DDP averages the ranks' gradients: scale the local sum so the average is the mean loss.
+            loss_d = nn.functional.cross_entropy(ddp(x[lo:hi]), target[lo:hi], reduction="sum") * world / total
+            loss_d.backward()
+            summed = loss_d.detach() / world
+            dist.all_reduce(summed)
+            _close(summed, loss_s.detach(), f"DDP {key} loss step {step}")
+            opt_s.step()
+            opt_d.step()
+            opt_s.zero_grad()
+            opt_d.zero_grad()
+            for (name, a), b in zip(single.state_dict().items(), synced.state_dict().values()):
+                _close(b.double(), a.double(), f"DDP {key} step {step} {name}")
+
+
+@pytest.mark.timeout(300)
+def test_ddp_training_of_converted_models_matches_one_process():
+    """DistributedDataParallel with 2 processes (batches of 2 and 3) trains converted models
+    (every kind, sync via convert_sync) exactly like one process on the whole batch."""
+    _spawn(2, _ddp_worker, (2, 3), list(KINDS))
+
+
+# --------------------------------------------------------------------------- in this process
+@pytest.mark.parametrize("make", [
+    lambda: sx.StochNorm2d(4, sync=True),
+    lambda: sx.BatchGroupNorm2d(4, 2, sync=True),
+    lambda: sx.Conv2dCBN(3, 4, 3, window=3, sync=True),
+])
+def test_sync_without_a_process_group_raises_and_changes_nothing(make):
+    assert not dist.is_initialized()
+    layer = make()
+    x = torch.randn(2, 3 if isinstance(layer, sx.Conv2dCBN) else 4, 5, 5)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    layer.eval()
+    layer(x)  # eval never syncs, so it needs no process group
+
+
+def test_functional_sync_without_a_process_group_raises():
+    x = torch.randn(4, 3, 2, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sx.functional.stoch_norm(x, rm, rv, training=True, sync=True)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sx.functional.batch_group_norm(x, 3, rm, rv, training=True, sync=True)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    with pytest.raises(TypeError, match="sync must be a bool"):
+        sx.functional.batch_group_norm(x, 3, rm, rv, training=True, sync="yes")
+    sx.functional.batch_group_norm(x, 3, rm, rv, training=False, sync=True)  # eval: no sync
+
+
+def test_convert_model_and_convert_sync_set_the_option():
+    model = _small_model()
+    sx.convert_model(model, "bgn", num_groups=4, sync=True, process_group=None)
+    layers = [m for m in model.modules() if isinstance(m, sx.BatchGroupNorm2d)]
+    assert len(layers) == 2 and all(m.sync and m.process_group is None for m in layers)
+    assert "sync=True" in repr(layers[0])
+    plain = sx.convert_model(_small_model(), "stochnorm")
+    assert not any(m.sync for m in plain.modules() if isinstance(m, sx.StochNorm2d))
+    marker = object()
+    sx.convert_sync(plain, process_group=marker)
+    assert all(m.sync and m.process_group is marker for m in plain.modules() if isinstance(m, sx.StochNorm2d))
+    # a SyncBatchNorm does not make the converted layer synchronised by itself
+    sync_bn = nn.SyncBatchNorm.convert_sync_batchnorm(_small_model())
+    converted = sx.convert_model(sync_bn, "stochnorm")
+    assert not any(m.sync for m in converted.modules() if isinstance(m, sx.StochNorm2d))
