@@ -49,7 +49,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     """What the kernels give an output: channels_last(_3d) for such inputs, else contiguous
-    (mirrors ``output_format`` in csrc/cpu/segment_core.cpp)."""
+    (mirrors ``output_format`` in csrc/common.h)."""
     if x.is_contiguous():
         return torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -71,11 +71,6 @@ def _param_grads(x: Tensor, weight):
     C = x.shape[1]
     dtype = weight.dtype if weight is not None else _acc_dtype(x)
     return x.new_empty(C, dtype=dtype), x.new_empty(C, dtype=dtype)
-
-
-def _bgn_pieces(x: Tensor, num_groups: int) -> int:
-    C = x.shape[1]
-    return 1 if C % num_groups == 0 else num_groups // C
 
 
 # ------------------------------------------------------------------------------- fake impls
@@ -195,8 +190,8 @@ def _bgn_backward(ctx, grad_y, *unused):
     if grad_y is None:
         return (None,) * 8
     x, weight, center, invstd = ctx.saved_tensors
-    grad_x, grad_w, grad_b = defaults.batch_group_norm_backward(grad_y, x, ctx.num_groups, weight, center, invstd,
-                                                           ctx.use_batch_stats)
+    grad_x, grad_w, grad_b = defaults.batch_group_norm_backward(grad_y, x, ctx.num_groups, weight, center,
+                                                                invstd, ctx.use_batch_stats)
     return (_grad_for(ctx, 0, grad_x), None, _param_grad(ctx, 2, grad_w, None),
             _param_grad(ctx, 3, grad_b, ctx.bias_dtype), None, None, None, None)
 
@@ -217,8 +212,8 @@ def _cbn_backward(ctx, grad_y, *unused):
     if grad_y is None:
         return (None,) * 10
     x, weight, center, invstd, past_keep = ctx.saved_tensors
-    grad_x, grad_w, grad_b = defaults.cross_iteration_norm_backward(grad_y, x, weight, center, invstd, past_keep,
-                                                               ctx.use_batch_stats)
+    grad_x, grad_w, grad_b = defaults.cross_iteration_norm_backward(grad_y, x, weight, center, invstd,
+                                                                    past_keep, ctx.use_batch_stats)
     # The compensated past statistics are constants (SPEC.md): no gradient flows into them.
     return (_grad_for(ctx, 0, grad_x), _param_grad(ctx, 1, grad_w, None),
             _param_grad(ctx, 2, grad_b, ctx.bias_dtype), None, None, None, None, None, None, None)

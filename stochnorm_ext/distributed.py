@@ -5,9 +5,15 @@ a *training* forward takes its statistics over the union of the batches of every
 of ``process_group`` (None: the default group), so W processes with batches
 ``n_1 .. n_W`` compute what one process computes on the concatenated batch: outputs, input
 gradients, running statistics and CBN windows. Batch sizes may differ between processes
-(an empty batch included); statistics are merged with their counts. Parameter gradients
-stay local sums, as with ``nn.SyncBatchNorm``: ``DistributedDataParallel`` averages them.
-Eval never syncs (no collective runs in eval).
+(an empty batch included: that process still takes part in every collective); statistics
+are merged with their counts, and fewer than 2 values per statistic over the whole group
+raises ValueError on every process. Parameter gradients stay local sums, as with
+``nn.SyncBatchNorm``: ``DistributedDataParallel`` averages them. Eval never syncs (no
+collective runs in eval). Every process of the group must run the layer's training
+forward (and backward) the same number of times, as with any collective.
+
+torch.compile: a synchronised layer compiles with graph breaks around its collectives
+(``fullgraph=True`` is not supported with ``sync=True``).
 
 One implementation serves every backend. Per layer and step::
 
@@ -132,31 +138,32 @@ class _TorchPasses:
 
 class _KernelPasses:
     """The same passes on the backend's kernels, ``torch.ops.stochnorm_ext.segment_*``
-    (tables in the accumulation dtype). Empty inputs go to the PyTorch passes."""
+    (tables in the accumulation dtype; the ``.default`` overloads, as ``_ops.defaults``
+    calls them). Empty inputs go to the PyTorch passes."""
 
     @staticmethod
     def stats(x, pieces):
         if x.numel() == 0:
             return _TorchPasses.stats(x, pieces)
-        return torch.ops.stochnorm_ext.segment_stats(x, pieces)
+        return torch.ops.stochnorm_ext.segment_stats.default(x, pieces)
 
     @staticmethod
     def apply(x, center, scale, shift):
         if x.numel() == 0:
             return _TorchPasses.apply(x, center, scale, shift)
-        return torch.ops.stochnorm_ext.segment_apply(x, center, scale, shift)
+        return torch.ops.stochnorm_ext.segment_apply.default(x, center, scale, shift)
 
     @staticmethod
     def grad_sums(dy, x, center):
         if x.numel() == 0:
             return _TorchPasses.grad_sums(dy, x, center)
-        return torch.ops.stochnorm_ext.segment_grad_sums(dy, x, center)
+        return torch.ops.stochnorm_ext.segment_grad_sums.default(dy, x, center)
 
     @staticmethod
     def grad_apply(dy, x, center, k_dy, k_x, k_0):
         if x.numel() == 0:
             return _TorchPasses.grad_apply(dy, x, center, k_dy, k_x, k_0)
-        return torch.ops.stochnorm_ext.segment_grad_apply(dy, x, center, k_dy, k_x, k_0)
+        return torch.ops.stochnorm_ext.segment_grad_apply.default(dy, x, center, k_dy, k_x, k_0)
 
 
 def _passes(impl, x: Tensor):
@@ -186,7 +193,7 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
 
     Raises ValueError (on every rank alike, before any state changes) when a statistic
     covers fewer than 2 values across the group."""
-    N, C = x.shape[:2]
+    C = x.shape[1]
     local_count = x.numel() // (C * pieces)
     mean, m2 = passes.stats(x, pieces)
     parts = [torch.full((1,), float(local_count), dtype=torch.float64, device=x.device),

@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 
 import stochnorm_ext as sx
 from stochnorm_ext import functional as F
-from stochnorm_ext import reference
 from stochnorm_ext._backend import resolve
 
 from conftest import available
@@ -353,7 +352,8 @@ def test_offset_data_float32(layer, fmt):
 def test_long_rows_and_many_blocks():
     """Rows longer than one kernel block, few channels: the blocked two-pass statistics, the
     split of one channel over several tasks, and their merges."""
-    for shape, fmt in (((2, 2, 96, 96), "contiguous"), ((2, 3, 64, 64), "channels_last"), ((1, 1, 40000), "contiguous")):
+    for shape, fmt in (((2, 2, 96, 96), "contiguous"), ((2, 3, 64, 64), "channels_last"),
+                       ((1, 1, 40000), "contiguous")):
         for layer in ("stoch", "bgn_mul"):
             compare(layer, shape, torch.float32, fmt)
 

@@ -271,3 +271,22 @@ def test_convert_model_and_convert_sync_set_the_option():
     sync_bn = nn.SyncBatchNorm.convert_sync_batchnorm(_small_model())
     converted = sx.convert_model(sync_bn, "stochnorm")
     assert not any(m.sync for m in converted.modules() if isinstance(m, sx.StochNorm2d))
+
+
+def test_sync_uses_the_backend_kernels_where_there_are_any():
+    """The cpu (and cuda) backends' segment_* ops run the big passes of the synchronised
+    path; reference and triton take the plain-PyTorch passes."""
+    from stochnorm_ext import distributed
+    from stochnorm_ext._backend import resolve
+    x = torch.randn(2, 3, 4)
+    for backend in BACKENDS:
+        expected = distributed._KernelPasses if backend == "cpu" else distributed._TorchPasses
+        assert distributed._passes(resolve(backend, x.device), x) is expected, backend
+    if "cpu" in BACKENDS:  # the two implementations of the passes agree
+        center, scale, shift = torch.randn(3, 2), torch.rand(3, 2), torch.randn(3, 2)
+        dy = torch.randn_like(x)
+        for name, args in (("stats", (x, 2)), ("apply", (x, center, scale, shift)),
+                           ("grad_sums", (dy, x, center)), ("grad_apply", (dy, x, center, scale, shift, center))):
+            a = getattr(distributed._KernelPasses, name)(*args)
+            b = getattr(distributed._TorchPasses, name)(*args)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -19,8 +19,6 @@ from conftest import available
 torchvision = pytest.importorskip("torchvision")
 
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b, "cpu")]
-# What backend=None picks for CPU tensors (cpu when available, else reference).
-DEFAULT = "cpu" if available("cpu", "cpu") else "reference"
 CL = {4: torch.channels_last, 5: torch.channels_last_3d}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -41,8 +39,8 @@ def _randomize(module):
                 t.uniform_(0.5, 1.5)
 
 
-# name -> (make(backend) -> norm layer for C channels with the conv it follows, dims)
 def _layer(name, C, backend, conv):
+    """The layer ``name`` for the C output channels of ``conv`` (2d or 3d)."""
     if name == "stochnorm":
         return (sx.StochNorm2d if conv.weight.dim() == 4 else sx.StochNorm3d)(C, p=0.5, backend=backend)
     if name == "bgn_groups":
@@ -75,7 +73,7 @@ def _run_steps(model, inputs, autocast=None, seed=0):
         else:
             with torch.autocast(**autocast):
                 y = model(x)
-        (y.float() * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        (y.float() * torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape)).sum().backward()
         record.append((y.detach(), x.grad, [p.grad.clone() for p in model.parameters()]))
         opt.step()
         opt.zero_grad()
@@ -135,8 +133,8 @@ def _check_autocast(name, backend, device, dtype):
 def test_cpu_autocast_bfloat16(name, backend):
     """Conv -> layer -> ReLU under torch.autocast('cpu', bfloat16) with float32 parameters:
     the layer gets bfloat16, returns bfloat16 (like nn.BatchNorm2d), parameters, gradients
-    and buffers stay float32, and everything is close to the float32 run (3 steps, so
-    CBN's window and StochNorm's running statistics are used)."""
+    and buffers stay float32, and one step is close to the float32 step from the same state
+    (after two float32 steps, so CBN's window and StochNorm's running statistics are used)."""
     _check_autocast(name, backend, "cpu", torch.bfloat16)
 
 
@@ -145,6 +143,7 @@ def test_cpu_autocast_bfloat16(name, backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("name", LAYER_NAMES)
 def test_cuda_autocast(name, backend, dtype):
+    """The same under torch.autocast('cuda') in float16 and bfloat16 (needs a GPU)."""
     if not available(backend, "cuda"):
         pytest.skip(f"backend {backend} not available on CUDA")
     _check_autocast(name, backend, "cuda", dtype)
@@ -164,10 +163,7 @@ def test_channels_last_in_channels_last_out(name, dims, backend):
     inputs = [torch.randn(shape) for _ in range(2)]
     runs = []
     for memory_format in (torch.contiguous_format, fmt):
-        model = _conv_norm_relu(name, backend, dims)
-        # The conv's weight only: model.to(memory_format=...) fails on a CBN model
-        # (test_model_to_channels_last_with_cbn).
-        model[0].to(memory_format=memory_format)
+        model = _conv_norm_relu(name, backend, dims).to(memory_format=memory_format)
         formats = []
         model[1].register_forward_hook(lambda m, args, out: formats.append(
             (args[0].is_contiguous(memory_format=fmt), out.is_contiguous(memory_format=fmt))))
@@ -185,19 +181,21 @@ def test_channels_last_in_channels_last_out(name, dims, backend):
         torch.testing.assert_close(state[key], state_plain[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="nn.Module.to(memory_format=channels_last) converts every 4D/5D tensor and "
-                          "CBN's 5D window buffers (window_dmu, window_dvar) cannot be channels_last")
 def test_model_to_channels_last_with_cbn():
-    """The usual way to run a ResNet channels_last, on a CBN-converted one."""
+    """The usual way to run a ResNet channels_last works on a CBN-converted one:
+    model.to(memory_format=...) converts every 4D/5D tensor, and CBN's window keeps its
+    Jacobians in 3D buffers that the conversion leaves alone."""
     model = sx.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), "cbn", window=2)
     model.to(memory_format=torch.channels_last)
-    assert model(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)).is_contiguous(
-        memory_format=torch.channels_last)
+    for _ in range(2):  # the second step uses the stored entry
+        y = model(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
 
 
 # --------------------------------------------------------------------------- torch.compile
-MIXED_GROUPS = lambda C: 2 * C if C <= 128 else C // 32  # noqa: E731  (C, 2) pieces early, groups of 32 later
+# BGN with both groupings: 2 pieces per channel for the 64/128-channel layers (spatial
+# sizes 16x16 and 8x8 here), groups of 32 channels for the 256/512-channel ones.
+MIXED_GROUPS = lambda C: 2 * C if C <= 128 else C // 32  # noqa: E731
 # 4 x 64 x 64: layer4 still sees 16 values per channel; with fewer (2 x 32 x 32 gives 2)
 # BatchNorm's own gradients are so ill-conditioned that eager and compiled runs of a plain
 # BatchNorm ResNet-18 part ways after one step.
@@ -230,14 +228,14 @@ def _loss(model, x, target):
     return nn.functional.cross_entropy(model(x), target)
 
 
-def _train(model, loss_fn, steps=2):
-    """``steps`` SGD steps on batches of shape IMAGE; returns losses, gradients, state."""
+def _train(model, loss_fn, steps=2, image=IMAGE):
+    """``steps`` SGD steps on batches of shape ``image``; returns losses, gradients, state."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
     losses, grads = [], []
     for step in range(steps):
-        x = torch.randn(IMAGE, generator=g)
-        target = torch.randint(0, 10, IMAGE[:1], generator=g)
+        x = torch.randn(image, generator=g)
+        target = torch.randint(0, 10, image[:1], generator=g)
         torch.manual_seed(step)
         loss = loss_fn(model, x, target)
         loss.backward()
@@ -278,6 +276,31 @@ def test_compile_converted_resnet18_matches_eager(key):
     running statistics (and CBN windows), with the same StochNorm masks: the mask is drawn
     in the graph with the global generator."""
     _compile_matches_eager(key)
+
+
+def _small_net(backend):
+    """Every layer once, each after a conv, on 8 channels."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1, bias=False) for i in range(4)]
+    norms = [sx.StochNorm2d(8, backend=backend), sx.BatchGroupNorm2d(8, 4, backend=backend),
+             sx.BatchGroupNorm2d(8, 16, backend=backend),
+             sx.CrossIterationBatchNorm2d(8, window=3, burnin=1, backend=backend).bind(convs[3])]
+    layers = [m for conv, norm in zip(convs, norms) for m in (conv, norm, nn.ReLU())]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_compile_every_layer_every_backend(backend):
+    """torch.compile(fullgraph=True, backend='aot_eager') of a small net with every layer
+    on the reference and cpu backends: 3 SGD steps give eager's losses, gradients and
+    state. (The triton backend's ops are compiled in test_triton_backend.py.)"""
+    torch._dynamo.reset()
+    eager = _small_net(backend)
+    compiled_model = copy.deepcopy(eager)
+    compiled_loss = torch.compile(_loss, fullgraph=True, backend="aot_eager")
+    _assert_same_training(_train(eager, _loss, steps=3, image=(4, 3, 8, 8)),
+                          _train(compiled_model, compiled_loss, steps=3, image=(4, 3, 8, 8)), 1e-5)
 
 
 @pytest.mark.slow

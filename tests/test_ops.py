@@ -59,14 +59,16 @@ def samples_segment_apply():
 
 
 def samples_segment_grad_sums():
-    for shape, fmt, P in (((3, 4, 4, 4), "contiguous", 1), ((3, 4, 4, 4), "channels_last", 2), ((5, 6), "contiguous", 1)):
+    for shape, fmt, P in (((3, 4, 4, 4), "contiguous", 1), ((3, 4, 4, 4), "channels_last", 2),
+                          ((5, 6), "contiguous", 1)):
         C = shape[1]
         yield (_x(shape, fmt), _x(shape, fmt), torch.randn(C, P))
     yield (_x((3, 4, 4, 4)), _x((3, 4, 4, 4), "channels_last"), torch.randn(4))  # dy in another layout
 
 
 def samples_segment_grad_apply():
-    for shape, fmt, P in (((3, 4, 4, 4), "contiguous", 1), ((3, 4, 4, 4), "channels_last", 4), ((5, 6), "contiguous", 1)):
+    for shape, fmt, P in (((3, 4, 4, 4), "contiguous", 1), ((3, 4, 4, 4), "channels_last", 4),
+                          ((5, 6), "contiguous", 1)):
         C = shape[1]
         yield (_x(shape, fmt), _x(shape, fmt), *(torch.randn(C, P) for _ in range(4)))
 

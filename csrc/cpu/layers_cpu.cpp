@@ -82,7 +82,8 @@ BackwardResult stoch_norm_backward(const Tensor& grad_output, const Tensor& inpu
   const Tensor ctr = required_acc_vector(center, C, input, op, "center");
   const Tensor r = required_acc_vector(invstd, C, input, op, "invstd");
   const Tensor m = mask.has_value() && mask->defined() ? bool_arg(*mask, {C}, input, op, "mask") : Tensor();
-  auto [sum_dy, sum_dy_xc] = segment_grad_sums(grad_output, in, ctr);
+  Tensor sum_dy, sum_dy_xc;  // (no structured binding: lambdas capture them, C++17)
+  std::tie(sum_dy, sum_dy_xc) = segment_grad_sums(grad_output, in, ctr);
   Tensor k_dy = at::empty({C}, acc), k_x = at::empty({C}, acc), k_0 = at::empty({C}, acc);
   Tensor grad_weight = new_output({C}, acc), grad_bias = new_output({C}, acc);
   ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
@@ -153,7 +154,8 @@ BackwardResult batch_group_norm_backward(const Tensor& grad_output, const Tensor
   const Tensor group_invstd = required_acc_vector(invstd, G, input, op, "invstd");
   // Each segment is centred on its group's mean.
   Tensor seg_center = group_center.repeat_interleave(segments_per_group).view({C, P});
-  auto [sum_dy, sum_dy_xc] = segment_grad_sums(grad_output, in, seg_center);
+  Tensor sum_dy, sum_dy_xc;  // (no structured binding: lambdas capture them, C++17)
+  std::tie(sum_dy, sum_dy_xc) = segment_grad_sums(grad_output, in, seg_center);
   Tensor group_k_x = at::empty({G}, acc), group_k_0 = at::empty({G}, acc);
   Tensor k_dy = at::empty({C, P}, acc), k_x = at::empty({C, P}, acc), k_0 = at::empty({C, P}, acc);
   Tensor grad_weight = new_output({C}, acc), grad_bias = new_output({C}, acc);
@@ -236,7 +238,8 @@ BackwardResult cross_iteration_norm_backward(const Tensor& grad_output, const Te
   const Tensor w = acc_vector(weight, C, input, op, "weight");
   const Tensor ctr = required_acc_vector(center, C, input, op, "center");
   const Tensor r = required_acc_vector(invstd, C, input, op, "invstd");
-  auto [sum_dy, sum_dy_xc] = segment_grad_sums(grad_output, in, ctr);
+  Tensor sum_dy, sum_dy_xc;  // (no structured binding: lambdas capture them, C++17)
+  std::tie(sum_dy, sum_dy_xc) = segment_grad_sums(grad_output, in, ctr);
   Tensor k_dy = at::empty({C}, acc), k_x = at::empty({C}, acc), k_0 = at::empty({C}, acc);
   Tensor grad_weight = new_output({C}, acc), grad_bias = new_output({C}, acc);
   ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {

@@ -9,9 +9,10 @@
 // stored, so statistics accumulate in float (double for double input).
 //
 // Accuracy of the statistics: values are taken in blocks that stay in L1, each block by two
-// passes (its mean, then the squared deviations from it), and blocks are folded together with
-// Chan's formula (partials of blocks and chunks in double). No E[x^2] - E[x]^2, so data with a large common
-// offset (1e4 + randn in float32) keeps its variance.
+// passes (its mean, then the deviations from it: the corrected two-pass scheme), and blocks
+// are folded together with Chan's formula, in double. No E[x^2] - E[x]^2, so data with a large
+// common offset (1e4 + randn in float32) keeps its variance. Backward sums: per block in float,
+// blocks added in double.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -360,7 +361,7 @@ inline void rows_deviations(const scalar_t* x, int64_t rows, int64_t C, const at
   }
 }
 
-// Chan-merge a block's per-channel moments into a thread's running ones, kept in double. The
+// Chan-merge a block's per-channel moments into a chunk's running ones, kept in double. The
 // block is given as its float centre and the sums of deviations from it (rows_deviations): its
 // exact mean is center + sum_d / n, its m2 is sum_d2 - sum_d^2 / n.
 template <typename acc_t>
