@@ -1,32 +1,55 @@
 #!/usr/bin/env bash
-# Build a wheel of stochnorm_ext with the torch in .venv, install it into a brand-new venv
-# and run a smoke test there (from outside the source tree, so the installed copy is used).
+# Package check: build an sdist of stochnorm_ext, then a wheel *from that sdist* (so a file
+# missing from the sdist fails here), with the torch in .venv; install the wheel into a
+# brand-new venv and run a smoke test there, from outside the source tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip wheel -q --disable-pip-version-check \
-  --no-build-isolation --no-deps -w "$work/dist" .
+# `python -m build` makes the sdist first and builds the wheel from its unpacked copy.
+MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m build --no-isolation --outdir "$work/dist" . >"$work/build.log" 2>&1 \
+  || { tail -n 60 "$work/build.log"; exit 1; }
+sdist=$(ls "$work"/dist/stochnorm_ext-*.tar.gz)
 wheel=$(ls "$work"/dist/stochnorm_ext-*.whl)
-echo "built $(basename "$wheel")"
+echo "built $(basename "$sdist") and, from it, $(basename "$wheel")"
+# The sdist carries the headers, CUDA sources and tests (MANIFEST.in).
+listing=$(tar -tzf "$sdist")
+for f in csrc/common.h csrc/coefficients.h csrc/cuda/segment_walk.h csrc/cuda/layers_cuda.cu \
+         triton_kernels/norm_kernels.py tests/conftest.py; do
+  grep -q "/$f\$" <<<"$listing" || { echo "sdist lacks $f"; exit 1; }
+done
 python3 -m venv "$work/venv"
 # The wheel pins the torch minor version it was built against; pip resolves it.
 "$work/venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel"
 cd "$work"
 "$work/venv/bin/python" - <<'PY'
+import importlib.metadata as md
 import torch
 import stochnorm_ext as sx
 assert sx.__file__.find("site-packages") >= 0, sx.__file__
-print("stochnorm_ext", sx.__version__, "from", sx.__file__)
-print("backends:", sx.backends())
-x = torch.randn(4, 8, 3, 3)
-for layer in (sx.StochNorm2d(8), sx.BatchGroupNorm2d(8, 4)):
-    y = layer(x)
-    y.sum().backward()
-    assert y.shape == x.shape and torch.isfinite(y).all()
+assert md.version("stochnorm_ext") == sx.__version__, (md.version("stochnorm_ext"), sx.__version__)
+requires = md.requires("stochnorm_ext")
+torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+assert any(r.startswith("torch") and torch_minor in r for r in requires), (requires, torch.__version__)
+print("stochnorm_ext", sx.__version__, "from", sx.__file__, "requires", requires)
+backends = sx.backends()
+print("backends:", backends)
+# The compiled C++ backend must load from the wheel (not fall back to the reference).
+assert backends["cpu"] is None, backends["cpu"]
+# The wheel's C++ kernels against the reference, forward and input gradient.
+x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+for make in (lambda b: sx.StochNorm2d(8, backend=b), lambda b: sx.BatchGroupNorm2d(8, 4, backend=b)):
+    outs = []
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)  # same mask, same state
+        layer = make(backend).double()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, layer.running_mean))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 import importlib.util
-assert importlib.util.find_spec("stochnorm_ext._C") is not None, "compiled extension missing from the wheel"
 assert importlib.util.find_spec("stochnorm_ext.triton_kernels") is not None
 print("wheel smoke test passed")
 PY
