@@ -20,7 +20,7 @@ SUBJECTS = [("bn", "native"), ("stoch_norm", None), ("bgn", None), ("cbn", None)
 def test_fwd_bwd(benchmark, layer, impl):
     subjects = bench.build_subjects(CASE, bench.LAYERS, [None], bn_kind="native")
     subject = next(s for s in subjects if (s.layer, s.impl) == (layer, impl))
-    channels = max(CASE.channels // 4, 1) if subject.conv_input else CASE.channels
+    channels = bench.conv_in_channels(CASE.channels, "1x1") if subject.conv_input else CASE.channels
     step = bench.direction_step(subject, bench.make_inputs(CASE, channels, copies=1), "fwd+bwd")
     benchmark.group = f"fwd+bwd {CASE.label}"
     benchmark.extra_info["threads"] = torch.get_num_threads()

@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the shared library, which registers the schemas and CPU kernels)
+# The memory format the kernels give an output: channels_last(_3d) for such inputs, else
+# contiguous (``output_format`` in csrc/common.h follows the same rule).
+from ._checks import memory_format_of
 
 ops = torch.ops.stochnorm_ext
 
@@ -47,20 +50,8 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """What the kernels give an output: channels_last(_3d) for such inputs, else contiguous
-    (mirrors ``output_format`` in csrc/common.h)."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _like_input(x: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _table(x: Tensor, *shape) -> Tensor:
@@ -148,7 +139,11 @@ def _param_grad(ctx, index: int, grad, param_dtype):
     return grad if param_dtype is None or grad.dtype == param_dtype else grad.to(param_dtype)
 
 
-def _mark_stats(ctx, output):
+def _save_for_backward(ctx, x, weight, bias, output, *extra):
+    """What every layer's backward reads: the input, the weight, the normalisation tables
+    (center, invstd: outputs 3 and 4 of a forward op) and ``extra``; the bias dtype."""
+    ctx.save_for_backward(x, weight, output[3], output[4], *extra)
+    ctx.bias_dtype = None if bias is None else bias.dtype
     # Batch statistics and the normalisation tables are outputs for the running update and
     # for backward, not differentiable results (running statistics are constants). No zero
     # gradients are made up for them: backward only ever reads the output's gradient.
@@ -159,15 +154,13 @@ def _mark_stats(ctx, output):
 # StochNorm ------------------------------------------------------------------------------
 def _stoch_norm_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, mask, eps = inputs
-    ctx.save_for_backward(x, weight, mask, output[3], output[4])
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    _mark_stats(ctx, output)
+    _save_for_backward(ctx, x, weight, bias, output, mask)
 
 
 def _stoch_norm_backward(ctx, grad_y, *unused):
     if grad_y is None:
         return (None,) * 7
-    x, weight, mask, center, invstd = ctx.saved_tensors
+    x, weight, center, invstd, mask = ctx.saved_tensors
     grad_x, grad_w, grad_b = defaults.stoch_norm_backward(grad_y, x, weight, mask, center, invstd)
     return (_grad_for(ctx, 0, grad_x), _param_grad(ctx, 1, grad_w, None),
             _param_grad(ctx, 2, grad_b, ctx.bias_dtype), None, None, None, None)
@@ -180,10 +173,8 @@ torch.library.register_autograd("stochnorm_ext::stoch_norm_forward", _stoch_norm
 # BGN ------------------------------------------------------------------------------------
 def _bgn_setup(ctx, inputs, output):
     x, num_groups, weight, bias, running_mean, running_var, use_batch_stats, eps = inputs
-    ctx.save_for_backward(x, weight, output[3], output[4])
+    _save_for_backward(ctx, x, weight, bias, output)
     ctx.num_groups, ctx.use_batch_stats = num_groups, use_batch_stats
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    _mark_stats(ctx, output)
 
 
 def _bgn_backward(ctx, grad_y, *unused):
@@ -202,10 +193,8 @@ torch.library.register_autograd("stochnorm_ext::batch_group_norm_forward", _bgn_
 # CBN ------------------------------------------------------------------------------------
 def _cbn_setup(ctx, inputs, output):
     x, weight, bias, running_mean, running_var, past_mean, past_var, past_keep, use_batch_stats, eps = inputs
-    ctx.save_for_backward(x, weight, output[3], output[4], past_keep)
+    _save_for_backward(ctx, x, weight, bias, output, past_keep)
     ctx.use_batch_stats = use_batch_stats
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    _mark_stats(ctx, output)
 
 
 def _cbn_backward(ctx, grad_y, *unused):
@@ -245,7 +234,7 @@ def _segment_stats_backward(ctx, grad_mean, grad_m2):
     acc = _acc_dtype(x)
     xs = x.to(acc).reshape(N, C, ctx.pieces, -1)
     grad = _per_segment(grad_mean, x) / n + 2 * (xs - _per_segment(mean, x)) * _per_segment(grad_m2, x)
-    return grad.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x)), None
+    return grad.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x)), None
 
 
 torch.library.register_autograd("stochnorm_ext::segment_stats", _segment_stats_backward,

@@ -21,10 +21,14 @@ Per device (CPU, and CUDA when present; ``--device`` picks):
                  NumPy and moved to the device, as in the published code.
    ``bgn``       our backends (``G = C/4``), and ``published``: reshape to ``(N, G, -1)``,
                  ``F.batch_norm``, per-channel affine (the paper's description).
+                 ``--bgn-groups`` times other group counts as well, as rows
+                 ``bgn G=<spec>`` (``C`` is BatchNorm on our kernels, ``2C`` cuts each
+                 channel in two spatial pieces).
    ``cbn``       the normalisation step of our CBN backends with a full window of 3
                  compensated past entries (the backend op, without conv or Jacobians).
    ``conv+bn``   a 1x1 conv from C/4 channels (the conv before every C-channel BN of a
-                 ResNet-50 bottleneck) + ``F.batch_norm``: the baseline of ``conv+cbn``.
+                 ResNet-50 bottleneck) + ``F.batch_norm``: the baseline of ``conv+cbn``;
+                 ``--conv 3x3``: a 3x3 conv from C channels (padding 1) instead.
    ``conv+cbn``  the same conv + a whole CBN step (window 4): ``published`` (statistics
                  and their Jacobians from ``torch.autograd.grad`` of the channel mean and
                  mean of squares w.r.t. the conv weight, as the released code does) and our
@@ -52,7 +56,10 @@ run) when Triton is importable, else CUDA events (median) with the inputs rotate
 enough copies that the working set is twice the L2 cache; on CPU
 ``torch.utils.benchmark.Timer.blocked_autorange`` (median of blocks, with torch's thread
 count, ``--threads`` to change it) with the inputs rotated over twice the last-level cache.
-Everything is warmed up first.
+Everything is warmed up first. ``--rounds R`` measures every subject R times in
+alternating rounds and keeps each one's best round, so that a burst of background load
+does not land on one side of a ratio only (a shared machine). ``--dry-run`` prints the
+plan (cases, subjects, bytes) and runs nothing; it needs no GPU for ``--device cuda``.
 Training forwards update running statistics (and CBN windows) of the timed layers; the
 drift is accepted (the values stay finite) and the checks use their own inputs.
 
@@ -96,12 +103,20 @@ GPU_DTYPES = ["float32", "bfloat16"]
 CPU_SHAPES = [(64, 56, 56), (1024, 14, 14)]
 CPU_BATCHES = [8]
 CPU_DTYPES = ["float32"]
+# Every BatchNorm shape of torchvision's ResNet-50 (v1.5), for ``--shapes resnet50``.
+RESNET50_BN_SHAPES = [(64, 112, 112),                                   # stem
+                      (64, 56, 56), (256, 56, 56),                      # layer1
+                      (128, 56, 56), (128, 28, 28), (512, 28, 28),      # layer2
+                      (256, 28, 28), (256, 14, 14), (1024, 14, 14),     # layer3
+                      (512, 14, 14), (512, 7, 7), (2048, 7, 7)]         # layer4
+SHAPE_PRESETS = {"resnet50": RESNET50_BN_SHAPES}
 MEMORY_FORMATS = ["nchw", "channels_last"]
 LAYERS = ["stoch_norm", "bgn", "cbn"]
 DIRECTIONS = ["fwd", "bwd", "fwd+bwd"]
 
 STOCH_P = 0.5             # probability of the batch branch
-BGN_CHANNELS_PER_GROUP = 4
+BGN_GROUPS = ["C/4"]       # the group counts timed by default (``--bgn-groups``)
+CONVS = ["1x1", "3x3"]     # the conv of conv+bn / conv+cbn (``--conv``): 1x1 from C/4, or 3x3 from C
 CBN_WINDOW = 4            # the published detection configs: buffer_num=3 -> 4 steps
 MOMENTUM, EPS = 0.1, 1e-5
 COPY_BUFFER_BYTES = 256 * 2**20
@@ -112,6 +127,35 @@ SHORT_DTYPE = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "float64"
 # The names our backends' bytes_moved() and the checks of selfcheck use for each layer.
 BACKEND_LAYER = {"stoch_norm": "stoch_norm", "bgn": "batch_group_norm", "cbn": "cross_iteration_norm"}
 SELFCHECK_CASES = {"stoch_norm": ["stoch_norm"], "bgn": ["bgn_G|C", "bgn_G=2C"], "cbn": ["cbn"]}
+
+
+def base_layer(layer: str) -> str:
+    """The layer a row label names: ``bgn G=2C`` is a ``bgn`` row."""
+    return layer.split(" ")[0]
+
+
+def bgn_groups(spec: str, C: int) -> int:
+    """The number of BGN groups a ``--bgn-groups`` spec gives for C channels: ``C/k`` (groups
+    of k whole channels), ``C`` (BatchNorm), ``kC`` (each channel cut into k pieces)."""
+    text = spec.replace(" ", "").upper()
+    try:
+        if text.startswith("C/"):
+            return max(C // int(text[2:]), 1)
+        if text.endswith("C"):
+            return C * int(text[:-1] or 1)
+    except ValueError:
+        pass
+    raise ValueError(f"a BGN group spec is C/k, C or kC (e.g. C/4, C, 2C); got {spec!r}")
+
+
+def bgn_label(spec: str) -> str:
+    """The row label of BGN with the groups ``spec``: plain ``bgn`` for the default C/4."""
+    return "bgn" if spec.replace(" ", "").upper() == "C/4" else f"bgn G={spec.replace(' ', '').upper()}"
+
+
+def conv_in_channels(C: int, conv: str) -> int:
+    """Input channels of the conv in front of a C-channel norm (``--conv``)."""
+    return max(C // 4, 1) if conv == "1x1" else C
 
 
 @dataclass(frozen=True)
@@ -161,7 +205,7 @@ def kernel_bytes(backend_module, layer: str, direction: str, numel: int, element
     if report is None:
         return None
     try:
-        parts = [report(BACKEND_LAYER[layer], d, numel, element_size) for d in direction.split("+")]
+        parts = [report(BACKEND_LAYER[base_layer(layer)], d, numel, element_size) for d in direction.split("+")]
     except Exception:  # an unsupported layer/direction: fall back to the estimate
         return None
     return None if any(p is None for p in parts) else int(sum(parts))
@@ -269,17 +313,17 @@ class PublishedConvCBN:
     """
 
     def __init__(self, conv_weight: Tensor, weight: Tensor, bias: Tensor, window: int = CBN_WINDOW,
-                 rho: float = 1.0, momentum: float = MOMENTUM, eps: float = EPS):
-        self.conv_weight, self.weight, self.bias = conv_weight, weight, bias
+                 rho: float = 1.0, momentum: float = MOMENTUM, eps: float = EPS, padding: int = 0):
+        self.conv_weight, self.weight, self.bias, self.padding = conv_weight, weight, bias, padding
         C = conv_weight.shape[0]
         self.running_mean = torch.zeros(C, device=weight.device, dtype=weight.dtype)
         self.running_var = torch.ones(C, device=weight.device, dtype=weight.dtype)
         self.buffer_num, self.rho, self.momentum, self.eps = window - 1, rho, momentum, eps
         self.pre_mu, self.pre_meanx2, self.pre_dmudw, self.pre_dmeanx2dw, self.pre_weight = [], [], [], [], []
 
-    def __call__(self, conv_input: Tensor, padding: int = 0) -> Tensor:
+    def __call__(self, conv_input: Tensor) -> Tensor:
         w = self.conv_weight
-        x = TF.conv2d(conv_input, w, padding=padding)
+        x = TF.conv2d(conv_input, w, padding=self.padding)
         y = x.transpose(0, 1)
         return_shape = y.shape
         y = y.contiguous().view(x.size(1), -1)
@@ -362,9 +406,10 @@ def _params(C: int, device: str, param_dtype: torch.dtype):
 
 
 def build_subjects(case: Case, layers: Sequence[str], backends: Sequence[str], bn_kind: str,
-                   seed: int = 0) -> List[Subject]:
+                   seed: int = 0, groups: Sequence[str] = tuple(BGN_GROUPS), conv: str = "1x1") -> List[Subject]:
     """Everything timed on one case, baselines first. Each subject owns its parameters
-    and running statistics."""
+    and running statistics. ``groups``: the BGN group specs (see ``bgn_groups``); ``conv``:
+    the conv of the conv+* subjects (see ``conv_in_channels``)."""
     torch.manual_seed(seed)
     dev, C, dtype = case.device, case.channels, DTYPES[case.dtype]
     pdt = _param_dtype(dtype)
@@ -385,17 +430,17 @@ def build_subjects(case: Case, layers: Sequence[str], backends: Sequence[str], b
             subjects.append(Subject("stoch_norm", backend, functools.partial(
                 _ours_stoch_norm, rm=rm, rv=rv, w=w, b=b, backend=backend), [w, b], backend=backend))
 
-    if "bgn" in layers:
-        G = max(C // BGN_CHANNELS_PER_GROUP, 1)
+    for spec in (groups if "bgn" in layers else []):
+        G, label = bgn_groups(spec, C), bgn_label(spec)
         w, b, _, _ = _params(C, dev, pdt)
         _, _, rm, rv = _params(G, dev, pdt)
-        subjects.append(Subject("bgn", "published", lambda x, w=w, b=b, rm=rm, rv=rv:
+        subjects.append(Subject(label, "published", lambda x, G=G, w=w, b=b, rm=rm, rv=rv:
                                 published_batch_group_norm(x, G, rm, rv, w, b), [w, b],
                                 bytes_source="ops"))
         for backend in backends:
             w, b, _, _ = _params(C, dev, pdt)
             _, _, rm, rv = _params(G, dev, pdt)
-            subjects.append(Subject("bgn", backend, functools.partial(
+            subjects.append(Subject(label, backend, functools.partial(
                 _ours_bgn, num_groups=G, rm=rm, rv=rv, w=w, b=b, backend=backend), [w, b], backend=backend))
 
     if "cbn" in layers:
@@ -409,19 +454,20 @@ def build_subjects(case: Case, layers: Sequence[str], backends: Sequence[str], b
                 _ours_cbn_step, impl=_backend.resolve(backend, torch.device(dev)), rm=rm, rv=rv, w=w,
                 b=b, past=past), [w, b], backend=backend))
 
-        cin = max(C // 4, 1)
-        conv_weight = (torch.randn(C, cin, 1, 1, device=dev, dtype=pdt) / math.sqrt(cin)).to(dtype)
+        cin, k = conv_in_channels(C, conv), int(conv[0])
+        pad = k // 2
+        conv_weight = (torch.randn(C, cin, k, k, device=dev, dtype=pdt) / math.sqrt(cin * k * k)).to(dtype)
         w, b, rm, rv = _params(C, dev, pdt)
         cw = conv_weight.clone().requires_grad_()
         subjects.append(Subject("conv+bn", bn_kind, lambda u, cw=cw, w=w, b=b, rm=rm, rv=rv:
-                                TF.batch_norm(TF.conv2d(u, cw), rm, rv, w, b, True, MOMENTUM, EPS),
+                                TF.batch_norm(TF.conv2d(u, cw, padding=pad), rm, rv, w, b, True, MOMENTUM, EPS),
                                 [cw, w, b], conv_input=True, bytes_source="-"))
         w, b, _, _ = _params(C, dev, pdt)
         cw = conv_weight.clone().requires_grad_()
-        subjects.append(Subject("conv+cbn", "published", PublishedConvCBN(cw, w, b), [cw, w, b],
+        subjects.append(Subject("conv+cbn", "published", PublishedConvCBN(cw, w, b, padding=pad), [cw, w, b],
                                 conv_input=True, bytes_source="-"))
         for backend in backends:
-            block = Conv2dCBN(cin, C, 1, window=CBN_WINDOW, backend=backend).to(dev, pdt)
+            block = Conv2dCBN(cin, C, k, padding=pad, window=CBN_WINDOW, backend=backend).to(dev, pdt)
             with torch.no_grad():
                 block.conv.weight.copy_(conv_weight)
             block.conv.to(dtype)  # the conv runs in the input dtype, the norm keeps float32
@@ -431,13 +477,14 @@ def build_subjects(case: Case, layers: Sequence[str], backends: Sequence[str], b
     return subjects
 
 
-def build_subject_names(layers: Sequence[str], backends: Sequence[str]) -> List[Tuple[str, str]]:
-    """(layer, impl) of every subject build_subjects makes, for the progress total."""
+def build_subject_names(layers: Sequence[str], backends: Sequence[str],
+                        groups: Sequence[str] = tuple(BGN_GROUPS)) -> List[Tuple[str, str]]:
+    """(layer, impl) of every subject build_subjects makes, for the progress total and the plan."""
     names = [("bn", "baseline")]
     if "stoch_norm" in layers:
         names += [("stoch_norm", "published")] + [("stoch_norm", b) for b in backends]
-    if "bgn" in layers:
-        names += [("bgn", "published")] + [("bgn", b) for b in backends]
+    for spec in (groups if "bgn" in layers else []):
+        names += [(bgn_label(spec), "published")] + [(bgn_label(spec), b) for b in backends]
     if "cbn" in layers:
         names += [("cbn", b) for b in backends] + [("conv+bn", "baseline"), ("conv+cbn", "published")]
         names += [("conv+cbn", b) for b in backends]
@@ -701,39 +748,53 @@ def bytes_for(subject: Subject, case: Case, direction: str, inputs) -> Tuple[Opt
     return two_pass_bytes(direction, case.numel, case.element_size), "est"
 
 
-def benchmark_case(case: Case, layers, backends, settings: TimerSettings, progress) -> List[dict]:
-    """Time every subject in every direction on one case."""
+def benchmark_case(case: Case, layers, backends, settings: TimerSettings, progress, rounds: int = 1,
+                   groups: Sequence[str] = tuple(BGN_GROUPS), conv: str = "1x1") -> List[dict]:
+    """Time every subject in every direction on one case; with ``rounds`` > 1 every timing is
+    taken once per round, the rounds alternating over the subjects, and the best one kept."""
     # Copies by the fwd+bwd working set: x, y, dy, dx.
     copies = 1
     if settings.rotates_inputs:
         copies = copies_for_cache(4 * case.numel * case.element_size, last_level_cache_bytes(case.device))
     norm_inputs = make_inputs(case, case.channels, copies)
-    conv_inputs = make_inputs(case, max(case.channels // 4, 1), copies) if "cbn" in layers else None
+    conv_inputs = make_inputs(case, conv_in_channels(case.channels, conv), copies) if "cbn" in layers else None
     bn_kind = batch_norm_kind(norm_inputs[0][0].detach())
-    subjects = build_subjects(case, layers, backends, bn_kind)
-    rows = []
-    for subject in subjects:
-        inputs = conv_inputs if subject.conv_input else norm_inputs
-        warm_up_error = ""
+    subjects = build_subjects(case, layers, backends, bn_kind, groups=groups, conv=conv)
+    inputs_of = [conv_inputs if subject.conv_input else norm_inputs for subject in subjects]
+    best: Dict[Tuple[int, str], float] = {}
+    errors: Dict[Tuple[int, str], str] = {}
+    for i, subject in enumerate(subjects):
         try:  # also fills CBN windows and compiles/autotunes kernels before any timing
             for _ in range(CBN_WINDOW):
-                direction_step(subject, inputs[:1], "fwd+bwd")()
+                direction_step(subject, inputs_of[i][:1], "fwd+bwd")()
         except Exception as exc:
-            warm_up_error = f"{type(exc).__name__}: {exc}"
+            errors.update({(i, d): f"{type(exc).__name__}: {exc}" for d in DIRECTIONS})
+    for _ in range(rounds):
+        for i, subject in enumerate(subjects):
+            for direction in DIRECTIONS:
+                progress.step(f"{case.device} {case.label} {subject.layer}/{subject.impl} {direction}")
+                if (i, direction) in errors:
+                    continue
+                try:
+                    ms = median_ms(direction_step(subject, inputs_of[i], direction), settings)
+                    best[i, direction] = min(best.get((i, direction), math.inf), ms)
+                except Exception as exc:  # keep going; reported in the table and the exit status
+                    errors[i, direction] = f"{type(exc).__name__}: {exc}"
+                    if case.device == "cuda":
+                        torch.cuda.empty_cache()
+    rows = []
+    for i, subject in enumerate(subjects):
         for direction in DIRECTIONS:
-            progress.step(f"{case.device} {case.label} {subject.layer}/{subject.impl} {direction}")
             try:
-                if warm_up_error:
-                    raise RuntimeError(warm_up_error)
-                ms = median_ms(direction_step(subject, inputs, direction), settings)
-                moved, source = bytes_for(subject, case, direction, inputs)
-                rows.append(row_for(case, subject, direction, ms, moved, source, len(inputs),
-                                    settings.method))
-            except Exception as exc:  # keep going; reported in the table and the exit status
-                rows.append(row_for(case, subject, direction, None, None, "-", len(inputs),
-                                    settings.method, f"{type(exc).__name__}: {exc}"))
-                if case.device == "cuda":
-                    torch.cuda.empty_cache()
+                if (i, direction) in errors:
+                    raise RuntimeError(errors[i, direction])
+                moved, source = bytes_for(subject, case, direction, inputs_of[i])
+                rows.append(row_for(case, subject, direction, best[i, direction], moved, source,
+                                    len(inputs_of[i]), settings.method))
+            except Exception as exc:
+                error = errors.get((i, direction)) or f"{type(exc).__name__}: {exc}"
+                rows.append(row_for(case, subject, direction, None, None, "-", len(inputs_of[i]),
+                                    settings.method, error))
     return rows
 
 
@@ -750,8 +811,8 @@ def add_metrics(rows: List[dict], copy_gbps: Dict[str, float], checks: List[Chec
         check_ok[k] = check_ok.get(k, True) and c.ok
     for r in rows:
         t = r["time_ms"]
-        base_layer = "conv+bn" if r["layer"].startswith("conv+") else "bn"
-        t_base = baseline.get(key(r, layer=base_layer, impl="baseline"))
+        baseline_layer = "conv+bn" if r["layer"].startswith("conv+") else "bn"
+        t_base = baseline.get(key(r, layer=baseline_layer, impl="baseline"))
         t_ref = times.get(key(r, impl="reference"))
         r["ratio_to_bn"] = t / t_base if t and t_base else None
         r["ratio_to_reference"] = (t / t_ref if t and t_ref and r["layer"] not in ("bn", "conv+bn")
@@ -760,7 +821,7 @@ def add_metrics(rows: List[dict], copy_gbps: Dict[str, float], checks: List[Chec
         r["gbps"] = r["bytes_moved"] / (t * 1e-3) / 1e9 if has_bytes else None
         r["copy_fraction"] = r["gbps"] / copy_gbps[r["device"]] if r["gbps"] else None
         r["bytes_vs_minimum"] = r["bytes_moved"] / r["bytes_minimum"] if has_bytes else None
-        check_layer = "cbn" if r["layer"] == "conv+cbn" else r["layer"]
+        check_layer = "cbn" if r["layer"] == "conv+cbn" else base_layer(r["layer"])
         ok = check_ok.get((r["device"], r["backend"], check_layer, r["dtype"]))
         r["check"] = "" if ok is None else ("pass" if ok else "FAIL")
 
@@ -855,7 +916,7 @@ def write_plot(path: str, rows: List[dict], environment: dict) -> None:
         speed_ax, band_ax = axes[0][col], axes[1][col]
         for layer, impl in series:
             marker, style = IMPL_STYLE.get(impl, ("*", "-"))
-            kw = dict(color=LAYER_COLORS.get(layer, "purple"), marker=marker, linestyle=style,
+            kw = dict(color=LAYER_COLORS.get(base_layer(layer), "purple"), marker=marker, linestyle=style,
                       label=f"{layer} / {impl}")
             found = [value.get((c, layer, impl), {}) for c in cases]
             if layer not in ("bn", "conv+bn"):
@@ -1024,12 +1085,21 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def parse_shape(text: str) -> Tuple[int, int, int]:
+def parse_shape(text: str):
+    """``CxHxW`` -> (C, H, W); a preset name (``resnet50``) -> its list of shapes."""
+    if text.lower() in SHAPE_PRESETS:
+        return list(SHAPE_PRESETS[text.lower()])
     try:
         C, H, W = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a shape is CxHxW, e.g. 64x56x56; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"a shape is CxHxW, e.g. 64x56x56, or one of "
+                                         f"{sorted(SHAPE_PRESETS)}; got {text!r}") from None
     return C, H, W
+
+
+def parse_bgn_groups(text: str) -> str:
+    bgn_groups(text, 8)  # raises on a malformed spec
+    return text
 
 
 def parse_args(argv):
@@ -1045,13 +1115,24 @@ def parse_args(argv):
                         "the device; BatchNorm and the published compositions always run)")
     p.add_argument("--shapes", nargs="+", type=parse_shape, metavar="CxHxW",
                    help=f"default: GPU {' '.join('x'.join(map(str, s)) for s in GPU_SHAPES)}; "
-                        f"CPU {' '.join('x'.join(map(str, s)) for s in CPU_SHAPES)}")
+                        f"CPU {' '.join('x'.join(map(str, s)) for s in CPU_SHAPES)}; "
+                        f"'resnet50': all {len(RESNET50_BN_SHAPES)} BatchNorm shapes of ResNet-50")
     p.add_argument("--batches", nargs="+", type=int,
                    help=f"default: GPU {GPU_BATCHES}, CPU {CPU_BATCHES}")
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                    help=f"default: GPU {GPU_DTYPES}, CPU {CPU_DTYPES}")
     p.add_argument("--memory-formats", nargs="+", choices=MEMORY_FORMATS, default=None,
                    help=f"default: {MEMORY_FORMATS}")
+    p.add_argument("--bgn-groups", nargs="+", type=parse_bgn_groups, default=list(BGN_GROUPS), metavar="SPEC",
+                   help="BGN group counts to time: C/k (groups of k channels), C (BatchNorm on our "
+                        "kernels), kC (k pieces per channel); default: C/4")
+    p.add_argument("--conv", choices=CONVS, default="1x1",
+                   help="the conv of conv+bn and conv+cbn: 1x1 from C/4 channels (default), or 3x3 "
+                        "from C channels with padding 1")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternating rounds per timing, the best kept (steadier on a shared machine)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (cases, subjects, minimum bytes) and run nothing; no GPU needed")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: first default shape, smallest batch, first dtype, nchw, short timings")
     p.add_argument("--min-run-time", type=float, default=None,
@@ -1073,7 +1154,8 @@ def parse_args(argv):
 
 def cases_for(device: str, args) -> List[Case]:
     on_gpu = device == "cuda"
-    shapes = args.shapes or (GPU_SHAPES if on_gpu else CPU_SHAPES)
+    shapes = ([s for item in args.shapes for s in (item if isinstance(item, list) else [item])]
+              if args.shapes else (GPU_SHAPES if on_gpu else CPU_SHAPES))
     batches = args.batches or (GPU_BATCHES if on_gpu else CPU_BATCHES)
     dtypes = args.dtypes or (GPU_DTYPES if on_gpu else CPU_DTYPES)
     formats = args.memory_formats or MEMORY_FORMATS
@@ -1101,10 +1183,35 @@ def backends_for(device: str, requested: Optional[Sequence[str]]) -> List[str]:
     return chosen
 
 
+def print_plan(args, devices) -> None:
+    """What a run with these arguments would time (``--dry-run``): our backends are those
+    available here, or the requested ones where the device is absent."""
+    for device in devices:
+        here = device != "cuda" or torch.cuda.is_available()
+        # Without a GPU: every requested (or known) backend that can run on CUDA tensors.
+        backends = (backends_for(device, args.backends) if here
+                    else [n for n in args.backends or sx.BACKEND_NAMES if n != "cpu"])
+        names = build_subject_names(args.layers, backends, args.bgn_groups)
+        cases = cases_for(device, args)
+        print(f"{device}: {len(cases)} cases x {len(names)} subjects x {len(DIRECTIONS)} directions"
+              f" x {args.rounds} round(s); conv {args.conv}")
+        print("  subjects: " + ", ".join(f"{layer}/{impl}" for layer, impl in names))
+        for case in cases:
+            sizes = " ".join(f"{d}={minimum_bytes(d, case.numel, case.element_size) / 2**20:.1f}MiB"
+                             for d in DIRECTIONS)
+            print(f"  {case.label:34s} minimum bytes: {sizes}")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    if args.dry_run:
+        print_plan(args, devices)
+        return 0
+    if args.rounds < 1:
+        print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+        return 2
     if "cuda" in devices and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
@@ -1147,8 +1254,8 @@ def _run(args, argv, devices) -> int:
             print("  " + c.line())
 
     rows, copy_gbps = [], {}
-    total = sum(len(cases) * len(build_subject_names(args.layers, backends)) * len(DIRECTIONS)
-                for _, backends, cases in plan)
+    total = sum(len(cases) * len(build_subject_names(args.layers, backends, args.bgn_groups)) * len(DIRECTIONS)
+                * args.rounds for _, backends, cases in plan)
     progress = Progress(total, enabled=not args.no_progress)
     for device, backends, cases in plan:
         settings = TimerSettings(device)
@@ -1164,7 +1271,8 @@ def _run(args, argv, devices) -> int:
         env["devices"][device] = dict(name=device_name(device), timer=settings.method,
                                       copy_gbps=copy_gbps[device], backends_timed=backends)
         for case in cases:
-            rows += benchmark_case(case, args.layers, backends, settings, progress)
+            rows += benchmark_case(case, args.layers, backends, settings, progress, rounds=args.rounds,
+                                   groups=args.bgn_groups, conv=args.conv)
     progress.close()
     env["load_average_at_end"] = _load_average()
     add_metrics(rows, copy_gbps, checks)

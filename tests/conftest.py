@@ -33,6 +33,20 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
 
 
+def randomize_bn_(m, num_batches_tracked: int):
+    """Random affine parameters and running statistics (never the init values) of a BatchNorm-like
+    layer, in place, and ``num_batches_tracked`` set; returns the layer."""
+    with torch.no_grad():
+        if m.weight is not None:
+            m.weight.copy_(1 + 0.4 * torch.randn_like(m.weight))
+            m.bias.copy_(0.3 * torch.randn_like(m.bias))
+        if m.running_mean is not None:
+            m.running_mean.copy_(0.5 * torch.randn_like(m.running_mean))
+            m.running_var.copy_(0.5 + torch.rand_like(m.running_var))
+            m.num_batches_tracked.fill_(num_batches_tracked)
+    return m
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -165,6 +165,63 @@ def test_parse_shape():
     assert bench.parse_shape("64x56x56") == (64, 56, 56)
     with pytest.raises(Exception, match="CxHxW"):
         bench.parse_shape("64x56")
+    shapes = bench.parse_shape("resnet50")
+    assert len(shapes) == 12 and shapes[0] == (64, 112, 112) and shapes[-1] == (2048, 7, 7)
+
+
+def test_bgn_group_specs():
+    assert [bench.bgn_groups(spec, 64) for spec in ("C/4", "C/16", "c", "C", "2C", "4c")] == [16, 4, 64, 64, 128, 256]
+    assert bench.bgn_groups("C/16", 8) == 1                  # never zero groups
+    assert bench.bgn_label("C/4") == "bgn" and bench.bgn_label("2c") == "bgn G=2C"
+    assert bench.base_layer("bgn G=2C") == "bgn" and bench.base_layer("conv+cbn") == "conv+cbn"
+    for bad in ("4", "C/x", "C*2"):
+        with pytest.raises(ValueError, match="C/k, C or kC"):
+            bench.bgn_groups(bad, 8)
+    assert bench.conv_in_channels(64, "1x1") == 16 and bench.conv_in_channels(64, "3x3") == 64
+
+
+def test_subjects_for_group_specs_and_3x3_conv():
+    case = bench.Case("cpu", 2, 8, 4, 4, "float32", "nchw")
+    subjects = bench.build_subjects(case, bench.LAYERS, ["reference"], "native", groups=["C/4", "2C"], conv="3x3")
+    assert [(s.layer, s.impl) for s in subjects if s.layer.startswith("bgn")] == [
+        ("bgn", "published"), ("bgn", "reference"), ("bgn G=2C", "published"), ("bgn G=2C", "reference")]
+    assert len(subjects) == len(bench.build_subject_names(bench.LAYERS, ["reference"], ["C/4", "2C"]))
+    x, dy = bench.make_inputs(case, 8, copies=1)[0]
+    for s in subjects:
+        y = s.forward(x)  # conv subjects take C = 8 input channels with a 3x3 conv
+        assert y.shape == x.shape, (s.layer, s.impl)
+        torch.autograd.grad(y, [x] + s.params, dy)
+    # BGN with G = 2C: the group count reaches the kernels (running statistics of 2C groups).
+    bgn2c = next(s for s in subjects if (s.layer, s.impl) == ("bgn G=2C", "reference"))
+    assert bgn2c.forward.keywords["num_groups"] == 16 and bgn2c.forward.keywords["rm"].shape == (16,)
+
+
+def test_dry_run_needs_no_gpu(capsys):
+    """The plan of a GPU run on the ResNet-50 shapes (what benchmarks/bench_triton.py planned)."""
+    assert bench.main(["--device", "cuda", "--dry-run", "--shapes", "resnet50", "--batches", "2", "8",
+                       "--dtypes", "bfloat16", "--memory-formats", "nchw", "channels_last",
+                       "--backends", "triton", "--bgn-groups", "C/4", "C"]) == 0
+    out = capsys.readouterr().out
+    # subjects: bn, stoch_norm x2, bgn x2, bgn G=C x2, cbn, conv+bn, conv+cbn x2
+    assert "cuda: 48 cases x 11 subjects x 3 directions x 1 round(s); conv 1x1" in out
+    assert "bgn G=C/triton" in out
+    # read x + write y = 2 x 2 bytes x 2*64*112*112 values = 6.1 MiB
+    assert "2x64x112x112 bf16 nchw" in out and "fwd=6.1MiB bwd=9.2MiB fwd+bwd=15.3MiB" in out
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda", "--quick"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(600)
+def test_cli_runs_one_case_cuda(tmp_path):
+    """A timed GPU case with the Triton backend (bf16, channels_last, the last ResNet-50 shape)."""
+    out = tmp_path / "r.json"
+    assert bench.main(["--device", "cuda", "--backends", "triton", "--shapes", "2048x7x7", "--batches", "2",
+                       "--dtypes", "bfloat16", "--memory-formats", "channels_last", "--rep-ms", "10",
+                       "--no-progress", "--json", str(out)]) == 0
+    rows = json.load(open(out))["rows"]
+    assert rows and all(r["time_ms"] > 0 and not r["error"] for r in rows)
 
 
 # ----------------------------------------------------------------------------- baselines compute the same thing
@@ -231,7 +288,7 @@ def test_published_conv_cbn_matches_ours_over_steps():
     conv_weight = ours.conv.weight.detach().clone().requires_grad_()
     gamma = ours.norm.weight.detach().clone().requires_grad_()
     beta = ours.norm.bias.detach().clone().requires_grad_()
-    published = bench.PublishedConvCBN(conv_weight, gamma, beta)
+    published = bench.PublishedConvCBN(conv_weight, gamma, beta, padding=1)
     published.running_mean, published.running_var = (published.running_mean.double(),
                                                       published.running_var.double())
     for step in range(6):
@@ -239,7 +296,7 @@ def test_published_conv_cbn_matches_ours_over_steps():
         dy = torch.randn(4, C, 6, 6, dtype=torch.float64)
         u_ours, u_pub = u.clone().requires_grad_(), u.clone().requires_grad_()
         y_ours = ours(u_ours)
-        y_pub = published(u_pub, padding=1)
+        y_pub = published(u_pub)
         y_ours.backward(dy)
         y_pub.backward(dy)
         pairs = [(y_pub, y_ours), (u_pub.grad, u_ours.grad), (conv_weight.grad, ours.conv.weight.grad),
@@ -299,11 +356,30 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert "![" in md and "out.png" in md
 
 
+def test_cli_rounds_group_specs_and_3x3_conv(tmp_path, capsys):
+    """The options that benchmarks/bench_cpu.py measured with: alternating rounds, BGN with
+    G = 2C, conv + CBN with a 3x3 conv from C channels."""
+    path = str(tmp_path / "out.json")
+    status = bench.main(["--device", "cpu", "--quick", "--shapes", "8x4x4", "--batches", "2", "--skip-checks",
+                         "--min-run-time", "0.002", "--threads", "1", "--no-progress", "--backends", "cpu",
+                         "--rounds", "2", "--bgn-groups", "C/4", "2C", "--conv", "3x3", "--json", path])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    rows = json.load(open(path))["rows"]
+    timed = {(r["layer"], r["impl"]) for r in rows}
+    assert {("bgn G=2C", "cpu"), ("bgn G=2C", "published"), ("bgn", "cpu"), ("conv+cbn", "cpu")} <= timed
+    assert all(r["time_ms"] > 0 and not r["error"] for r in rows)
+    bgn2c = next(r for r in rows if (r["layer"], r["impl"], r["direction"]) == ("bgn G=2C", "cpu", "fwd"))
+    assert bgn2c["ratio_to_bn"] is not None and bgn2c["bytes_source"] == "est"
+    assert bench.main(["--rounds", "0", "--device", "cpu"]) == 2
+
+
 def test_cli_help_names_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--device", "--layers", "--backends", "--shapes", "--batches", "--dtypes",
-                   "--memory-formats", "--quick", "--json", "--csv", "--plot", "--markdown"):
+                   "--memory-formats", "--quick", "--json", "--csv", "--plot", "--markdown",
+                   "--bgn-groups", "--conv", "--rounds", "--dry-run"):
         assert option in text

@@ -14,6 +14,8 @@ from torch.utils.checkpoint import checkpoint
 import stochnorm_ext as sx
 from stochnorm_ext import functional as SF
 
+from conftest import randomize_bn_
+
 BACKEND = "reference"
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 STOCH = {1: sx.StochNorm1d, 2: sx.StochNorm2d, 3: sx.StochNorm3d}
@@ -22,15 +24,7 @@ SHAPE = {1: (4, 6, 4), 2: (3, 6, 4, 3), 3: (2, 6, 3, 2, 2)}
 
 
 def _randomize(m):
-    with torch.no_grad():
-        if m.weight is not None:
-            m.weight.copy_(1 + 0.4 * torch.randn_like(m.weight))
-            m.bias.copy_(0.3 * torch.randn_like(m.bias))
-        if m.running_mean is not None:
-            m.running_mean.copy_(0.5 * torch.randn_like(m.running_mean))
-            m.running_var.copy_(0.5 + torch.rand_like(m.running_var))
-            m.num_batches_tracked.fill_(11)
-    return m
+    return randomize_bn_(m, num_batches_tracked=11)
 
 
 def _state(m):

@@ -16,6 +16,8 @@ import stochnorm_ext as sx
 from stochnorm_ext import functional as SF
 from stochnorm_ext.cbn_window import CBNWindow
 
+from conftest import randomize_bn_
+
 BACKEND = "reference"
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=3e-5, atol=3e-5)}
 
@@ -37,17 +39,8 @@ def _rand_x(shape, dtype, offset=0.7, scale=2.0):
     return (torch.randn(shape, dtype=torch.float64) * scale + offset).to(dtype)
 
 
-def _randomize(bn):
-    """Random affine parameters and running statistics (never the init values)."""
-    with torch.no_grad():
-        if bn.weight is not None:
-            bn.weight.copy_(1 + 0.4 * torch.randn_like(bn.weight))
-            bn.bias.copy_(0.3 * torch.randn_like(bn.bias))
-        if bn.running_mean is not None:
-            bn.running_mean.copy_(0.5 * torch.randn_like(bn.running_mean))
-            bn.running_var.copy_(0.5 + torch.rand_like(bn.running_var))
-            bn.num_batches_tracked.fill_(3)
-    return bn
+def _randomize(m):
+    return randomize_bn_(m, num_batches_tracked=3)
 
 
 def _make_identity(kind, d, C, momentum):

@@ -180,6 +180,23 @@ def _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean
     tl.store(running_var_ptr + stat, new_var.to(running_var_ptr.dtype.element_ty), mask=stat_mask)
 
 
+@triton.jit
+def _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, like):
+    """The running statistics before this step's update, in ``like``'s dtype (masked-off
+    lanes read mean 0, variance 1, and are never stored)."""
+    old_mean = tl.load(running_mean_ptr + stat, mask=stat_mask, other=0.0).to(like.dtype)
+    old_var = tl.load(running_var_ptr + stat, mask=stat_mask, other=1.0).to(like.dtype)
+    return old_mean, old_var
+
+
+@triton.jit
+def _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, center, var, red_weight):
+    """The normalisation tables the apply and backward kernels read, per statistic."""
+    tl.store(center_ptr + stat, center, mask=stat_mask)
+    tl.store(var_ptr + stat, var, mask=stat_mask)
+    tl.store(red_weight_ptr + stat, red_weight, mask=stat_mask)
+
+
 # ---------------------------------------------------------------------------------------
 # Forward: per-layer coefficient math (tiny kernels, one program per BLOCK_K statistics)
 # ---------------------------------------------------------------------------------------
@@ -200,12 +217,9 @@ def batch_stats_finalize_kernel(
     stat_mask = stat < num_stats
     _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
                                    parts_per_stat, BLOCK_K, BLOCK_P)
-    tl.store(center_ptr + stat, mean, mask=stat_mask)
-    tl.store(var_ptr + stat, var, mask=stat_mask)
-    tl.store(red_weight_ptr + stat, tl.zeros_like(mean) + inv_count, mask=stat_mask)
+    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mean, var, tl.zeros_like(mean) + inv_count)
     if UPDATE_RUNNING:
-        old_mean = tl.load(running_mean_ptr + stat, mask=stat_mask, other=0.0).to(mean.dtype)
-        old_var = tl.load(running_var_ptr + stat, mask=stat_mask, other=0.0).to(mean.dtype)
+        old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mean)
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                         mean, var, momentum, unbias)
 
@@ -229,12 +243,9 @@ def stoch_norm_finalize_kernel(
     _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
                                    parts_per_stat, BLOCK_K, BLOCK_P)
     batch_branch = tl.load(mask_ptr + stat, mask=stat_mask, other=0) != 0
-    old_mean = tl.load(running_mean_ptr + stat, mask=stat_mask, other=0.0).to(mean.dtype)
-    old_var = tl.load(running_var_ptr + stat, mask=stat_mask, other=1.0).to(mean.dtype)
-    tl.store(center_ptr + stat, tl.where(batch_branch, mean, old_mean), mask=stat_mask)
-    tl.store(var_ptr + stat, tl.where(batch_branch, var, old_var), mask=stat_mask)
-    tl.store(red_weight_ptr + stat, tl.where(batch_branch, inv_count, 0.0).to(mean.dtype),
-             mask=stat_mask)
+    old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mean)
+    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, tl.where(batch_branch, mean, old_mean),
+                  tl.where(batch_branch, var, old_var), tl.where(batch_branch, inv_count, 0.0).to(mean.dtype))
     if UPDATE_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                         mean, var, momentum, unbias)
@@ -277,12 +288,10 @@ def cross_iteration_finalize_kernel(
         spread += tl.where(keep, d * d, 0.0)
     tl.store(mu_t_ptr + stat, mu_t, mask=stat_mask)
     tl.store(var_t_ptr + stat, var_t, mask=stat_mask)
-    tl.store(center_ptr + stat, mu, mask=stat_mask)
-    tl.store(var_ptr + stat, (var_sum + spread) / count, mask=stat_mask)
-    tl.store(red_weight_ptr + stat, inv_count / count, mask=stat_mask)
+    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mu, (var_sum + spread) / count,
+                  inv_count / count)
     if UPDATE_RUNNING:
-        old_mean = tl.load(running_mean_ptr + stat, mask=stat_mask, other=0.0).to(mu_t.dtype)
-        old_var = tl.load(running_var_ptr + stat, mask=stat_mask, other=0.0).to(mu_t.dtype)
+        old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mu_t)
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                         mu_t, var_t, momentum, unbias)
 
