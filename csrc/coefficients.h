@@ -66,6 +66,17 @@ C10_HOST_DEVICE inline void reduction_terms(T invstd, T sum_g, T sum_g_xc, T cou
   k_0 = -invstd * sum_g / count;
 }
 
+// Channel c normalised with (mean, var) (StochNorm, CBN): the statistics it used and its
+// apply coefficients. A: an argument struct with eps, weight, bias, center, invstd, scale, shift.
+template <typename T, typename A>
+C10_HOST_DEVICE inline void normalise_channel(int64_t c, T mean, T var, const A& a) {
+  const T r = inverse_std(var, a.eps);
+  a.center[c] = mean;
+  a.invstd[c] = r;
+  a.scale[c] = weight_or_one(a.weight, c) * r;
+  a.shift[c] = bias_or_zero(a.bias, c);
+}
+
 // ---------------------------------------------------------------------------------- StochNorm
 // Per channel c. Training (mask != nullptr): the batch branch (mask[c]) normalises with this
 // batch's statistics, the moving branch with the running statistics as they were before this
@@ -102,19 +113,15 @@ C10_HOST_DEVICE inline void stoch_norm_forward_coefficients(int64_t c, const Sto
   }
   const T mean = batch_branch ? a.batch_mean[c] : a.running_mean[c];
   const T var = batch_branch ? a.batch_var[c] : a.running_var[c];
-  const T r = inverse_std(var, a.eps);
-  a.center[c] = mean;
-  a.invstd[c] = r;
-  a.scale[c] = weight_or_one(a.weight, c) * r;
-  a.shift[c] = bias_or_zero(a.bias, c);
+  normalise_channel(c, mean, var, a);
 }
 
-// Batch-branch channels get the ordinary BN gradient; moving-branch channels (and every
-// channel in eval) use constant statistics, so dx = dy * gamma * r with no reduction terms.
-// gamma and beta get their gradients from whichever branch the channel used.
+// The backward of one channel normalised with y = gamma * (x - center) * invstd + beta
+// (StochNorm, CBN): dx = gamma * r * dy, plus the reduction terms over `count` values when the
+// channel's statistics came from this batch; gamma and beta get their gradients either way.
+// The layers' argument structs extend this one with what decides `reduce` and `count`.
 template <typename T>
-struct StochNormBackward {
-  const bool* mask;           // (C,) or nullptr in eval
+struct ChannelBackward {
   const T* sum_dy;            // (C,) sum of dy
   const T* sum_dy_xc;         // (C,) sum of dy * (x - center)
   T count;                    // N * S
@@ -128,17 +135,28 @@ struct StochNormBackward {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline void stoch_norm_backward_coefficients(int64_t c, const StochNormBackward<T>& a) {
+C10_HOST_DEVICE inline void channel_backward(int64_t c, const ChannelBackward<T>& a, bool reduce, T count) {
   const T gamma = weight_or_one(a.weight, c);
   const T r = a.invstd[c];
   a.k_dy[c] = gamma * r;
   a.k_x[c] = T(0);
   a.k_0[c] = T(0);
-  if (a.mask != nullptr && a.mask[c]) {
-    reduction_terms(r, gamma * a.sum_dy[c], gamma * a.sum_dy_xc[c], a.count, a.k_x[c], a.k_0[c]);
-  }
+  if (reduce) reduction_terms(r, gamma * a.sum_dy[c], gamma * a.sum_dy_xc[c], count, a.k_x[c], a.k_0[c]);
   a.grad_weight[c] = a.sum_dy_xc[c] * r;
   a.grad_bias[c] = a.sum_dy[c];
+}
+
+// Batch-branch channels get the ordinary BN gradient; moving-branch channels (and every
+// channel in eval) use constant statistics, so dx = dy * gamma * r with no reduction terms.
+// gamma and beta get their gradients from whichever branch the channel used.
+template <typename T>
+struct StochNormBackward : ChannelBackward<T> {
+  const bool* mask;           // (C,) or nullptr in eval
+};
+
+template <typename T>
+C10_HOST_DEVICE inline void stoch_norm_backward_coefficients(int64_t c, const StochNormBackward<T>& a) {
+  channel_backward(c, a, a.mask != nullptr && a.mask[c], a.count);
 }
 
 // ---------------------------------------------------------------------------------- BGN
@@ -343,47 +361,46 @@ C10_HOST_DEVICE inline void cross_iteration_forward_coefficients(int64_t c, cons
     mean = a.running_mean[c];
     var = a.running_var[c];
   }
-  const T r = inverse_std(var, a.eps);
-  a.center[c] = mean;
-  a.invstd[c] = r;
-  a.scale[c] = weight_or_one(a.weight, c) * r;
-  a.shift[c] = bias_or_zero(a.bias, c);
+  normalise_channel(c, mean, var, a);
 }
 
 // The past entries are constants, so the mean and variance depend on this batch through
 // mu_t / count_c and var_t / count_c: the BN backward with its reductions divided by count_c * M.
+// (sum_dy_xc: sum of dy * (x - mu), mu the combined mean.)
 template <typename T>
-struct CrossIterationBackward {
-  const T* sum_dy;
-  const T* sum_dy_xc;         // sum of dy * (x - mu), mu the combined mean
-  T count;                    // N * S
+struct CrossIterationBackward : ChannelBackward<T> {
   bool use_batch;
   int64_t channels;
   int64_t past_entries;
   const bool* past_keep;      // (K, C)
-  const T* weight;
-  const T* invstd;
-  T* k_dy;
-  T* k_x;
-  T* k_0;
-  T* grad_weight;
-  T* grad_bias;
 };
 
 template <typename T>
 C10_HOST_DEVICE inline void cross_iteration_backward_coefficients(int64_t c, const CrossIterationBackward<T>& a) {
-  const T gamma = weight_or_one(a.weight, c);
-  const T r = a.invstd[c];
-  a.k_dy[c] = gamma * r;
-  a.k_x[c] = T(0);
-  a.k_0[c] = T(0);
+  T entries = 1;
   if (a.use_batch) {
-    T entries = 1;
     for (int64_t k = 0; k < a.past_entries; ++k) entries += a.past_keep[k * a.channels + c] ? T(1) : T(0);
-    reduction_terms(r, gamma * a.sum_dy[c], gamma * a.sum_dy_xc[c], entries * a.count, a.k_x[c], a.k_0[c]);
   }
-  a.grad_weight[c] = a.sum_dy_xc[c] * r;
-  a.grad_bias[c] = a.sum_dy[c];
+  channel_backward(c, a, a.use_batch, entries * a.count);
 }
+
+// Each coefficient function as a functor type, so that a backend can run it over an index
+// range its own way (the CPU a loop, CUDA one thread per index): Step()(i, args).
+#define STOCHNORM_COEFFICIENT_STEP(NAME, FUNCTION)                                              \
+  struct NAME {                                                                                  \
+    template <typename Args>                                                                     \
+    C10_HOST_DEVICE void operator()(int64_t i, const Args& args) const { FUNCTION(i, args); }    \
+  };
+
+STOCHNORM_COEFFICIENT_STEP(StochNormForwardStep, stoch_norm_forward_coefficients)
+STOCHNORM_COEFFICIENT_STEP(StochNormBackwardStep, stoch_norm_backward_coefficients)
+STOCHNORM_COEFFICIENT_STEP(GroupNormForwardStep, group_norm_forward_coefficients)
+STOCHNORM_COEFFICIENT_STEP(GroupNormApplyStep, group_norm_apply_coefficients)
+STOCHNORM_COEFFICIENT_STEP(GroupNormBackwardStep, group_norm_backward_coefficients)
+STOCHNORM_COEFFICIENT_STEP(GroupNormGradApplyStep, group_norm_grad_apply_coefficients)
+STOCHNORM_COEFFICIENT_STEP(GroupNormParamGradsStep, group_norm_param_grads)
+STOCHNORM_COEFFICIENT_STEP(CrossIterationForwardStep, cross_iteration_forward_coefficients)
+STOCHNORM_COEFFICIENT_STEP(CrossIterationBackwardStep, cross_iteration_backward_coefficients)
+#undef STOCHNORM_COEFFICIENT_STEP
 
 }  // namespace stochnorm_ext::coefficients

@@ -108,39 +108,61 @@ struct Wide {
   static constexpr int64_t kWidth = kVecs * Vec::size();  // values per load
   static_assert(kVecs % IO::kVecs == 0, "a wide load is whole IO steps");
 
-  static inline void load(const scalar_t* p, Vec* v) {
-    for (int u = 0; u < kVecs / IO::kVecs; ++u) IO::load(p + u * IO::kStep, v + u * IO::kVecs);
-  }
-  static inline void load_table(const typename IO::acc_t* p, Vec* v) {
-    for (int j = 0; j < kVecs; ++j) v[j] = Vec::loadu(p + j * Vec::size());
-  }
   static inline Vec total(const Vec* acc) { return (acc[0] + acc[1]) + (acc[2] + acc[3]); }
   static inline void zero(Vec* acc) {
     for (int j = 0; j < kVecs; ++j) acc[j] = Vec(typename IO::acc_t(0));
   }
 };
 
+// One vector step of a reduction: K vectors (Wide::kVecs, or IO::kVecs for the last whole IO
+// steps) of consecutive values or table entries. K is a compile-time constant, so each step
+// is its own fully unrolled loop.
+template <typename scalar_t, int K>
+struct Step {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  static constexpr int kVecs = K;
+  static constexpr int64_t kWidth = K * Vec::size();  // values per step
+  static_assert(K % IO::kVecs == 0, "a step is whole IO steps");
+
+  static inline void load(const scalar_t* p, Vec* v) {
+    for (int u = 0; u < K / IO::kVecs; ++u) IO::load(p + u * IO::kStep, v + u * IO::kVecs);
+  }
+  static inline void load_table(const typename IO::acc_t* p, Vec* v) {
+    for (int j = 0; j < K; ++j) v[j] = Vec::loadu(p + j * Vec::size());
+  }
+};
+
+// Walks [0, n) as a reduction does: body(i, Step<scalar_t, K>()) for wide steps (K = 4
+// vectors) while they fit, then for IO steps (K = IO::kVecs); returns where the values left
+// for the scalar tail begin.
+template <typename scalar_t, typename Body>
+inline int64_t vector_steps(int64_t n, const Body& body) {
+  using WideStep = Step<scalar_t, Wide<scalar_t>::kVecs>;
+  using IOStep = Step<scalar_t, VecIO<scalar_t>::kVecs>;
+  int64_t i = 0;
+  for (; i + WideStep::kWidth <= n; i += WideStep::kWidth) body(i, WideStep());
+  for (; i + IOStep::kWidth <= n; i += IOStep::kWidth) body(i, IOStep());
+  return i;
+}
+
 // ============================================================================ contiguous spans
 // The planar layout's building blocks: one row segment of `n` contiguous values. Wide steps,
-// then IO steps, then single values.
+// then IO steps (vector_steps, into the same accumulators), then single values.
 
 template <typename scalar_t>
 inline at::opmath_type<scalar_t> span_sum(const scalar_t* x, int64_t n) {
   using W = Wide<scalar_t>;
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
-  Vec acc[W::kVecs], v[W::kVecs];
+  using Vec = typename W::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  Vec acc[W::kVecs];
   W::zero(acc);
-  int64_t i = 0;
-  for (; i + W::kWidth <= n; i += W::kWidth) {
-    W::load(x + i, v);
-    for (int j = 0; j < W::kVecs; ++j) acc[j] += v[j];
-  }
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    IO::load(x + i, v);
-    for (int k = 0; k < IO::kVecs; ++k) acc[k] += v[k];
-  }
+  int64_t i = vector_steps<scalar_t>(n, [&](int64_t pos, auto step) {
+    using S = decltype(step);
+    Vec v[S::kVecs];
+    S::load(x + pos, v);
+    for (int j = 0; j < S::kVecs; ++j) acc[j] += v[j];
+  });
   acc_t s = horizontal_sum(W::total(acc));
   for (; i < n; ++i) s += acc_t(x[i]);
   return s;
@@ -153,30 +175,22 @@ template <typename scalar_t>
 inline void span_deviations(const scalar_t* x, int64_t n, at::opmath_type<scalar_t> center,
                             at::opmath_type<scalar_t>& sum_d, at::opmath_type<scalar_t>& sum_d2) {
   using W = Wide<scalar_t>;
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
+  using Vec = typename W::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
   const Vec center_v(center);
-  Vec acc_d[W::kVecs], acc_d2[W::kVecs], v[W::kVecs];
+  Vec acc_d[W::kVecs], acc_d2[W::kVecs];
   W::zero(acc_d);
   W::zero(acc_d2);
-  int64_t i = 0;
-  for (; i + W::kWidth <= n; i += W::kWidth) {
-    W::load(x + i, v);
-    for (int j = 0; j < W::kVecs; ++j) {
+  int64_t i = vector_steps<scalar_t>(n, [&](int64_t pos, auto step) {
+    using S = decltype(step);
+    Vec v[S::kVecs];
+    S::load(x + pos, v);
+    for (int j = 0; j < S::kVecs; ++j) {
       const Vec d = v[j] - center_v;
       acc_d[j] += d;
       acc_d2[j] = at::vec::fmadd(d, d, acc_d2[j]);
     }
-  }
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    IO::load(x + i, v);
-    for (int k = 0; k < IO::kVecs; ++k) {
-      const Vec d = v[k] - center_v;
-      acc_d[k] += d;
-      acc_d2[k] = at::vec::fmadd(d, d, acc_d2[k]);
-    }
-  }
+  });
   acc_t s_d = horizontal_sum(W::total(acc_d)), s_d2 = horizontal_sum(W::total(acc_d2));
   for (; i < n; ++i) {
     const acc_t d = acc_t(x[i]) - center;
@@ -192,30 +206,22 @@ template <typename scalar_t>
 inline void span_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n, at::opmath_type<scalar_t> center,
                            at::opmath_type<scalar_t>& sum_dy, at::opmath_type<scalar_t>& sum_dy_xc) {
   using W = Wide<scalar_t>;
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
+  using Vec = typename W::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
   const Vec center_v(center);
-  Vec acc_dy[W::kVecs], acc_dyxc[W::kVecs], vdy[W::kVecs], vx[W::kVecs];
+  Vec acc_dy[W::kVecs], acc_dyxc[W::kVecs];
   W::zero(acc_dy);
   W::zero(acc_dyxc);
-  int64_t i = 0;
-  for (; i + W::kWidth <= n; i += W::kWidth) {
-    W::load(dy + i, vdy);
-    W::load(x + i, vx);
-    for (int j = 0; j < W::kVecs; ++j) {
+  int64_t i = vector_steps<scalar_t>(n, [&](int64_t pos, auto step) {
+    using S = decltype(step);
+    Vec vdy[S::kVecs], vx[S::kVecs];
+    S::load(dy + pos, vdy);
+    S::load(x + pos, vx);
+    for (int j = 0; j < S::kVecs; ++j) {
       acc_dy[j] += vdy[j];
       acc_dyxc[j] = at::vec::fmadd(vdy[j], vx[j] - center_v, acc_dyxc[j]);
     }
-  }
-  for (; i + IO::kStep <= n; i += IO::kStep) {
-    IO::load(dy + i, vdy);
-    IO::load(x + i, vx);
-    for (int k = 0; k < IO::kVecs; ++k) {
-      acc_dy[k] += vdy[k];
-      acc_dyxc[k] = at::vec::fmadd(vdy[k], vx[k] - center_v, acc_dyxc[k]);
-    }
-  }
+  });
   acc_t s_dy = horizontal_sum(W::total(acc_dy)), s_dyxc = horizontal_sum(W::total(acc_dyxc));
   for (; i < n; ++i) {
     const acc_t g = acc_t(dy[i]);
@@ -269,34 +275,24 @@ inline void span_grad_apply(const scalar_t* dy, const scalar_t* x, scalar_t* dx,
 // ============================================================================ channel rows
 // The interleaved layout's building blocks: `rows` consecutive rows of C channels, the
 // per-channel tables (C,) of one piece, vectorised across channels. Reductions walk the rows
-// for one group of channels at a time (Wide: 4 vectors, 4 independent accumulators), then
-// for the remaining IO steps, then the last channels one by one.
+// for one group of channels at a time (vector_steps: wide groups of 4 vectors, 4 independent
+// accumulators, then IO steps), then the last channels one by one.
 
 // out[c] = sum over rows of x[row, c].
 template <typename scalar_t>
 inline void rows_sum(const scalar_t* x, int64_t rows, int64_t C, at::opmath_type<scalar_t>* out) {
-  using W = Wide<scalar_t>;
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
-  Vec acc[W::kVecs], v[W::kVecs];
-  int64_t c = 0;
-  for (; c + W::kWidth <= C; c += W::kWidth) {
-    W::zero(acc);
+  using Vec = typename VecIO<scalar_t>::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t c = vector_steps<scalar_t>(C, [&](int64_t c0, auto step) {
+    using S = decltype(step);
+    Vec acc[S::kVecs], v[S::kVecs];
+    for (int j = 0; j < S::kVecs; ++j) acc[j] = Vec(acc_t(0));
     for (int64_t q = 0; q < rows; ++q) {
-      W::load(x + q * C + c, v);
-      for (int j = 0; j < W::kVecs; ++j) acc[j] += v[j];
+      S::load(x + q * C + c0, v);
+      for (int j = 0; j < S::kVecs; ++j) acc[j] += v[j];
     }
-    for (int j = 0; j < W::kVecs; ++j) acc[j].store(out + c + j * Vec::size());
-  }
-  for (; c + IO::kStep <= C; c += IO::kStep) {
-    W::zero(acc);
-    for (int64_t q = 0; q < rows; ++q) {
-      IO::load(x + q * C + c, v);
-      for (int k = 0; k < IO::kVecs; ++k) acc[k] += v[k];
-    }
-    for (int k = 0; k < IO::kVecs; ++k) acc[k].store(out + c + k * Vec::size());
-  }
+    for (int j = 0; j < S::kVecs; ++j) acc[j].store(out + c0 + j * Vec::size());
+  });
   for (; c < C; ++c) {
     acc_t s = 0;
     for (int64_t q = 0; q < rows; ++q) s += acc_t(x[q * C + c]);
@@ -309,46 +305,26 @@ inline void rows_sum(const scalar_t* x, int64_t rows, int64_t C, at::opmath_type
 template <typename scalar_t>
 inline void rows_deviations(const scalar_t* x, int64_t rows, int64_t C, const at::opmath_type<scalar_t>* center,
                             at::opmath_type<scalar_t>* sum_d, at::opmath_type<scalar_t>* sum_d2) {
-  using W = Wide<scalar_t>;
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
-  Vec acc_d[W::kVecs], acc_d2[W::kVecs], v[W::kVecs], m[W::kVecs];
-  int64_t c = 0;
-  for (; c + W::kWidth <= C; c += W::kWidth) {
-    W::load_table(center + c, m);
-    W::zero(acc_d);
-    W::zero(acc_d2);
+  using Vec = typename VecIO<scalar_t>::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t c = vector_steps<scalar_t>(C, [&](int64_t c0, auto step) {
+    using S = decltype(step);
+    Vec acc_d[S::kVecs], acc_d2[S::kVecs], v[S::kVecs], m[S::kVecs];
+    S::load_table(center + c0, m);
+    for (int j = 0; j < S::kVecs; ++j) acc_d[j] = acc_d2[j] = Vec(acc_t(0));
     for (int64_t q = 0; q < rows; ++q) {
-      W::load(x + q * C + c, v);
-      for (int j = 0; j < W::kVecs; ++j) {
+      S::load(x + q * C + c0, v);
+      for (int j = 0; j < S::kVecs; ++j) {
         const Vec d = v[j] - m[j];
         acc_d[j] += d;
         acc_d2[j] = at::vec::fmadd(d, d, acc_d2[j]);
       }
     }
-    for (int j = 0; j < W::kVecs; ++j) {
-      acc_d[j].store(sum_d + c + j * Vec::size());
-      acc_d2[j].store(sum_d2 + c + j * Vec::size());
+    for (int j = 0; j < S::kVecs; ++j) {
+      acc_d[j].store(sum_d + c0 + j * Vec::size());
+      acc_d2[j].store(sum_d2 + c0 + j * Vec::size());
     }
-  }
-  for (; c + IO::kStep <= C; c += IO::kStep) {
-    IO::load_table(center + c, m);
-    W::zero(acc_d);
-    W::zero(acc_d2);
-    for (int64_t q = 0; q < rows; ++q) {
-      IO::load(x + q * C + c, v);
-      for (int k = 0; k < IO::kVecs; ++k) {
-        const Vec d = v[k] - m[k];
-        acc_d[k] += d;
-        acc_d2[k] = at::vec::fmadd(d, d, acc_d2[k]);
-      }
-    }
-    for (int k = 0; k < IO::kVecs; ++k) {
-      acc_d[k].store(sum_d + c + k * Vec::size());
-      acc_d2[k].store(sum_d2 + c + k * Vec::size());
-    }
-  }
+  });
   for (; c < C; ++c) {
     acc_t s_d = 0, s_d2 = 0;
     for (int64_t q = 0; q < rows; ++q) {
@@ -385,46 +361,26 @@ template <typename scalar_t>
 inline void rows_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t rows, int64_t C,
                            const at::opmath_type<scalar_t>* center, at::opmath_type<scalar_t>* sum_dy,
                            at::opmath_type<scalar_t>* sum_dy_xc) {
-  using W = Wide<scalar_t>;
-  using IO = VecIO<scalar_t>;
-  using Vec = typename IO::Vec;
-  using acc_t = typename IO::acc_t;
-  Vec acc_dy[W::kVecs], acc_dyxc[W::kVecs], vdy[W::kVecs], vx[W::kVecs], ctr[W::kVecs];
-  int64_t c = 0;
-  for (; c + W::kWidth <= C; c += W::kWidth) {
-    W::load_table(center + c, ctr);
-    W::zero(acc_dy);
-    W::zero(acc_dyxc);
+  using Vec = typename VecIO<scalar_t>::Vec;
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t c = vector_steps<scalar_t>(C, [&](int64_t c0, auto step) {
+    using S = decltype(step);
+    Vec acc_dy[S::kVecs], acc_dyxc[S::kVecs], vdy[S::kVecs], vx[S::kVecs], ctr[S::kVecs];
+    S::load_table(center + c0, ctr);
+    for (int j = 0; j < S::kVecs; ++j) acc_dy[j] = acc_dyxc[j] = Vec(acc_t(0));
     for (int64_t q = 0; q < rows; ++q) {
-      W::load(dy + q * C + c, vdy);
-      W::load(x + q * C + c, vx);
-      for (int j = 0; j < W::kVecs; ++j) {
+      S::load(dy + q * C + c0, vdy);
+      S::load(x + q * C + c0, vx);
+      for (int j = 0; j < S::kVecs; ++j) {
         acc_dy[j] += vdy[j];
         acc_dyxc[j] = at::vec::fmadd(vdy[j], vx[j] - ctr[j], acc_dyxc[j]);
       }
     }
-    for (int j = 0; j < W::kVecs; ++j) {
-      acc_dy[j].store(sum_dy + c + j * Vec::size());
-      acc_dyxc[j].store(sum_dy_xc + c + j * Vec::size());
+    for (int j = 0; j < S::kVecs; ++j) {
+      acc_dy[j].store(sum_dy + c0 + j * Vec::size());
+      acc_dyxc[j].store(sum_dy_xc + c0 + j * Vec::size());
     }
-  }
-  for (; c + IO::kStep <= C; c += IO::kStep) {
-    IO::load_table(center + c, ctr);
-    W::zero(acc_dy);
-    W::zero(acc_dyxc);
-    for (int64_t q = 0; q < rows; ++q) {
-      IO::load(dy + q * C + c, vdy);
-      IO::load(x + q * C + c, vx);
-      for (int k = 0; k < IO::kVecs; ++k) {
-        acc_dy[k] += vdy[k];
-        acc_dyxc[k] = at::vec::fmadd(vdy[k], vx[k] - ctr[k], acc_dyxc[k]);
-      }
-    }
-    for (int k = 0; k < IO::kVecs; ++k) {
-      acc_dy[k].store(sum_dy + c + k * Vec::size());
-      acc_dyxc[k].store(sum_dy_xc + c + k * Vec::size());
-    }
-  }
+  });
   for (; c < C; ++c) {
     acc_t s_dy = 0, s_dyxc = 0;
     for (int64_t q = 0; q < rows; ++q) {

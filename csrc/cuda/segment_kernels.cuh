@@ -66,6 +66,31 @@ __device__ State block_reduce(State s, int lanes_x) {
   return s;
 }
 
+// ------------------------------------------------------------------------------ block work
+// The (segment, first item, stride) arguments of segment_walk.h's thread functions, from the
+// launch shapes of plan_planar / plan_interleaved. Every thread of a block takes part in every
+// call of f (the reductions' block_reduce needs all of them), with or without items.
+
+// Planar grid (segments, splits): f(r, first, stride) for each segment r of this block.
+template <typename F>
+__device__ __forceinline__ void for_each_planar_segment(const WalkGeometry& g, const F& f) {
+  const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
+  for (int64_t r = blockIdx.x; r < g.segments(); r += gridDim.x) f(r, first, stride);
+}
+
+// Interleaved grid (channel-pack tiles, splits, pieces): f(cv, p, first, stride) for each
+// (piece p, tile) of this block, cv the thread's channel pack (maybe past the channels).
+template <int V, typename F>
+__device__ __forceinline__ void for_each_interleaved_tile(const WalkGeometry& g, const F& f) {
+  const int64_t tiles = ceil_div(g.C / V, blockDim.x);
+  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+  for (int64_t p = blockIdx.z; p < g.P; p += gridDim.z) {
+    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) f(tile * blockDim.x + threadIdx.x, p, first, stride);
+  }
+}
+
 // ------------------------------------------------------------------------------ statistics
 // Single split (out_count == nullptr): the final mean (shift added back) and m2 go to
 // out_mean[segment], out_m2[segment]. Several splits: partials of the shifted values go to
@@ -78,9 +103,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                         acc_type<scalar_t>* __restrict__ out_mean, acc_type<scalar_t>* __restrict__ out_m2,
                         acc_type<scalar_t>* __restrict__ out_shift) {
   const int64_t segments = g.segments();
-  const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
-  for (int64_t r = blockIdx.x; r < segments; r += gridDim.x) {
+  for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
     auto m = planar_thread_stats<scalar_t, V>(g, x, r, first, stride);
     m = block_reduce(m, 1);
     if (threadIdx.x == 0) {
@@ -95,7 +118,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       }
       out_m2[i] = m.m2[0];
     }
-  }
+  });
 }
 
 template <typename scalar_t, int V>
@@ -104,31 +127,25 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                              acc_type<scalar_t>* __restrict__ out_count, acc_type<scalar_t>* __restrict__ out_mean,
                              acc_type<scalar_t>* __restrict__ out_m2, acc_type<scalar_t>* __restrict__ out_shift) {
   const int64_t segments = g.segments();
-  const int64_t tiles = ceil_div(g.C / V, blockDim.x);
-  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t p = blockIdx.z; p < g.P; p += gridDim.z) {
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int64_t cv = tile * blockDim.x + threadIdx.x;
-      auto m = interleaved_thread_stats<scalar_t, V>(g, x, cv, p, first, stride);
-      m = block_reduce(m, blockDim.x);
-      if (threadIdx.y == 0 && cv * V < g.C) {
-        for (int k = 0; k < V; ++k) {
-          const auto shift = interleaved_shift(g, x, cv, p, k, V);
-          const int64_t segment = interleaved_segment(g, cv, p, k, V);
-          const int64_t i = int64_t(blockIdx.y) * segments + segment;
-          if (out_count == nullptr) {
-            out_mean[i] = shift + m.mean[k];
-          } else {
-            out_count[i] = m.count;
-            out_mean[i] = m.mean[k];
-            if (blockIdx.y == 0) out_shift[segment] = shift;
-          }
-          out_m2[i] = m.m2[k];
+  for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
+    auto m = interleaved_thread_stats<scalar_t, V>(g, x, cv, p, first, stride);
+    m = block_reduce(m, blockDim.x);
+    if (threadIdx.y == 0 && cv * V < g.C) {
+      for (int k = 0; k < V; ++k) {
+        const auto shift = interleaved_shift(g, x, cv, p, k, V);
+        const int64_t segment = interleaved_segment(g, cv, p, k, V);
+        const int64_t i = int64_t(blockIdx.y) * segments + segment;
+        if (out_count == nullptr) {
+          out_mean[i] = shift + m.mean[k];
+        } else {
+          out_count[i] = m.count;
+          out_mean[i] = m.mean[k];
+          if (blockIdx.y == 0) out_shift[segment] = shift;
         }
+        out_m2[i] = m.m2[k];
       }
     }
-  }
+  });
 }
 
 // One block per segment merges its `splits` partials (thread t takes splits t, t + blockDim.x, ...)
@@ -163,9 +180,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                             const acc_type<scalar_t>* __restrict__ center, acc_type<scalar_t>* __restrict__ out_dy,
                             acc_type<scalar_t>* __restrict__ out_dy_xc) {
   const int64_t segments = g.segments();
-  const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
-  for (int64_t r = blockIdx.x; r < segments; r += gridDim.x) {
+  for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
     auto s = planar_thread_grad_sums<scalar_t, V>(g, dy, x, center[r], r, first, stride);
     s = block_reduce(s, 1);
     if (threadIdx.x == 0) {
@@ -173,7 +188,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
       out_dy[i] = s.dy[0];
       out_dy_xc[i] = s.dy_xc[0];
     }
-  }
+  });
 }
 
 template <typename scalar_t, int V>
@@ -182,23 +197,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                                  const acc_type<scalar_t>* __restrict__ center,
                                  acc_type<scalar_t>* __restrict__ out_dy, acc_type<scalar_t>* __restrict__ out_dy_xc) {
   const int64_t segments = g.segments();
-  const int64_t tiles = ceil_div(g.C / V, blockDim.x);
-  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t p = blockIdx.z; p < g.P; p += gridDim.z) {
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int64_t cv = tile * blockDim.x + threadIdx.x;
-      auto s = interleaved_thread_grad_sums<scalar_t, V>(g, dy, x, center, cv, p, first, stride);
-      s = block_reduce(s, blockDim.x);
-      if (threadIdx.y == 0 && cv * V < g.C) {
-        for (int k = 0; k < V; ++k) {
-          const int64_t i = int64_t(blockIdx.y) * segments + interleaved_segment(g, cv, p, k, V);
-          out_dy[i] = s.dy[k];
-          out_dy_xc[i] = s.dy_xc[k];
-        }
+  for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
+    auto s = interleaved_thread_grad_sums<scalar_t, V>(g, dy, x, center, cv, p, first, stride);
+    s = block_reduce(s, blockDim.x);
+    if (threadIdx.y == 0 && cv * V < g.C) {
+      for (int k = 0; k < V; ++k) {
+        const int64_t i = int64_t(blockIdx.y) * segments + interleaved_segment(g, cv, p, k, V);
+        out_dy[i] = s.dy[k];
+        out_dy_xc[i] = s.dy_xc[k];
       }
     }
-  }
+  });
 }
 
 template <typename acc_t>
@@ -227,11 +236,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     planar_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ center,
                         const acc_type<scalar_t>* __restrict__ scale, const acc_type<scalar_t>* __restrict__ shift,
                         scalar_t* __restrict__ y) {
-  const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
-  for (int64_t r = blockIdx.x; r < g.segments(); r += gridDim.x) {
+  for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
     planar_thread_apply<scalar_t, V>(g, x, y, center[r], scale[r], shift[r], r, first, stride);
-  }
+  });
 }
 
 template <typename scalar_t, int V>
@@ -239,15 +246,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     interleaved_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ x,
                              const acc_type<scalar_t>* __restrict__ center, const acc_type<scalar_t>* __restrict__ scale,
                              const acc_type<scalar_t>* __restrict__ shift, scalar_t* __restrict__ y) {
-  const int64_t tiles = ceil_div(g.C / V, blockDim.x);
-  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t p = blockIdx.z; p < g.P; p += gridDim.z) {
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int64_t cv = tile * blockDim.x + threadIdx.x;
-      interleaved_thread_apply<scalar_t, V>(g, x, y, center, scale, shift, cv, p, first, stride);
-    }
-  }
+  for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
+    interleaved_thread_apply<scalar_t, V>(g, x, y, center, scale, shift, cv, p, first, stride);
+  });
 }
 
 template <typename scalar_t, int V>
@@ -256,11 +257,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                              const acc_type<scalar_t>* __restrict__ center, const acc_type<scalar_t>* __restrict__ k_dy,
                              const acc_type<scalar_t>* __restrict__ k_x, const acc_type<scalar_t>* __restrict__ k_0,
                              scalar_t* __restrict__ dx) {
-  const int64_t first = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
-  for (int64_t r = blockIdx.x; r < g.segments(); r += gridDim.x) {
+  for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
     planar_thread_grad_apply<scalar_t, V>(g, dy, x, dx, center[r], k_dy[r], k_x[r], k_0[r], r, first, stride);
-  }
+  });
 }
 
 template <typename scalar_t, int V>
@@ -270,15 +269,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
                                   const acc_type<scalar_t>* __restrict__ k_dy,
                                   const acc_type<scalar_t>* __restrict__ k_x,
                                   const acc_type<scalar_t>* __restrict__ k_0, scalar_t* __restrict__ dx) {
-  const int64_t tiles = ceil_div(g.C / V, blockDim.x);
-  const int64_t first = int64_t(blockIdx.y) * blockDim.y + threadIdx.y;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
-  for (int64_t p = blockIdx.z; p < g.P; p += gridDim.z) {
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int64_t cv = tile * blockDim.x + threadIdx.x;
-      interleaved_thread_grad_apply<scalar_t, V>(g, dy, x, dx, center, k_dy, k_x, k_0, cv, p, first, stride);
-    }
-  }
+  for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
+    interleaved_thread_grad_apply<scalar_t, V>(g, dy, x, dx, center, k_dy, k_x, k_0, cv, p, first, stride);
+  });
 }
 
 }  // namespace stochnorm_ext::cuda

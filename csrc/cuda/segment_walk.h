@@ -221,11 +221,127 @@ C10_HOST_DEVICE inline void to_acc(const Pack<scalar_t, V>& p, acc_type<scalar_t
   for (int k = 0; k < V; ++k) out[k] = static_cast<acc_type<scalar_t>>(p.value[k]);
 }
 
+// ------------------------------------------------------------------------------ the walk
+// A thread's items of one segment / channel pack: first, first + stride, ... (a lattice with
+// inner coordinate in [0, inner_size)) while the outer one is < N, kUnroll at a time. Each
+// round computes the offsets (offset(outer, inner)) and issues all its loads (load(u, off)
+// into the caller's registers for slot u) before it uses any of them (use(u, off)), which
+// keeps kUnroll loads in flight. Slots past the end of the walk are skipped.
+template <typename Offset, typename Load, typename Use>
+C10_HOST_DEVICE inline void walk_items(int64_t N, int64_t first, int64_t stride, int64_t inner_size,
+                                       const Offset& offset, const Load& load, const Use& use) {
+  LatticeCursor cur(first, stride, inner_size);
+  while (cur.outer < N) {
+    int64_t off[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // issue the loads first, use them after
+      off[u] = cur.outer < N ? offset(cur.outer, cur.inner) : -1;
+      if (off[u] >= 0) load(u, off[u]);
+      cur.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (off[u] >= 0) use(u, off[u]);
+    }
+  }
+}
+
+// The elementwise passes on one thread's items, lanes k < V of each pack with their own
+// coefficients (planar: V copies of the segment's): y = (x - center) * scale + shift, and
+// dx = k_dy * dy + k_x * (x - center) + k_0.
+template <typename scalar_t, int V, typename Offset>
+C10_HOST_DEVICE void thread_apply(int64_t N, int64_t first, int64_t stride, int64_t inner_size, const Offset& offset,
+                                  const scalar_t* x, scalar_t* y, const acc_type<scalar_t> (&center)[V],
+                                  const acc_type<scalar_t> (&scale)[V], const acc_type<scalar_t> (&shift)[V]) {
+  using acc_t = acc_type<scalar_t>;
+  Pack<scalar_t, V> v[kUnroll];
+  walk_items(
+      N, first, stride, inner_size, offset, [&](int u, int64_t off) { v[u] = load_pack<scalar_t, V>(x + off); },
+      [&](int u, int64_t off) {
+        Pack<scalar_t, V> out;
+        for (int k = 0; k < V; ++k) {
+          out.value[k] = static_cast<scalar_t>((static_cast<acc_t>(v[u].value[k]) - center[k]) * scale[k] + shift[k]);
+        }
+        store_pack<scalar_t, V>(y + off, out);
+      });
+}
+
+template <typename scalar_t, int V, typename Offset>
+C10_HOST_DEVICE void thread_grad_apply(int64_t N, int64_t first, int64_t stride, int64_t inner_size,
+                                       const Offset& offset, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+                                       const acc_type<scalar_t> (&center)[V], const acc_type<scalar_t> (&k_dy)[V],
+                                       const acc_type<scalar_t> (&k_x)[V], const acc_type<scalar_t> (&k_0)[V]) {
+  using acc_t = acc_type<scalar_t>;
+  Pack<scalar_t, V> vdy[kUnroll], vx[kUnroll];
+  walk_items(
+      N, first, stride, inner_size, offset,
+      [&](int u, int64_t off) {
+        vdy[u] = load_pack<scalar_t, V>(dy + off);
+        vx[u] = load_pack<scalar_t, V>(x + off);
+      },
+      [&](int u, int64_t off) {
+        Pack<scalar_t, V> out;
+        for (int k = 0; k < V; ++k) {
+          const acc_t xc = static_cast<acc_t>(vx[u].value[k]) - center[k];
+          out.value[k] = static_cast<scalar_t>(k_dy[k] * static_cast<acc_t>(vdy[u].value[k]) + k_x[k] * xc + k_0[k]);
+        }
+        store_pack<scalar_t, V>(dx + off, out);
+      });
+}
+
+// The gradient sums of one thread's items: lane k of each pack adds to s.dy[k % W] and
+// s.dy_xc[k % W] (W = 1: one statistic, planar; W = V: one per lane, interleaved).
+template <typename scalar_t, int V, int W, typename Offset>
+C10_HOST_DEVICE void thread_grad_sums(int64_t N, int64_t first, int64_t stride, int64_t inner_size,
+                                      const Offset& offset, const scalar_t* dy, const scalar_t* x,
+                                      const acc_type<scalar_t> (&center)[W], Sums<acc_type<scalar_t>, W>& s) {
+  using acc_t = acc_type<scalar_t>;
+  Pack<scalar_t, V> vdy[kUnroll], vx[kUnroll];
+  walk_items(
+      N, first, stride, inner_size, offset,
+      [&](int u, int64_t off) {
+        vdy[u] = load_pack<scalar_t, V>(dy + off);
+        vx[u] = load_pack<scalar_t, V>(x + off);
+      },
+      [&](int u, int64_t) {
+        for (int k = 0; k < V; ++k) {
+          const acc_t d = static_cast<acc_t>(vdy[u].value[k]);
+          s.dy[k % W] += d;
+          s.dy_xc[k % W] += d * (static_cast<acc_t>(vx[u].value[k]) - center[k % W]);
+        }
+      });
+}
+
+// The statistics of one thread's items: each pack's values, lane k shifted by shift[k % W],
+// go to acc.add (PackWelford: one statistic, W = 1; LaneWelford: one per lane, W = V).
+template <typename scalar_t, int V, int W, typename Offset, typename Acc>
+C10_HOST_DEVICE void thread_stats(int64_t N, int64_t first, int64_t stride, int64_t inner_size, const Offset& offset,
+                                  const scalar_t* x, const acc_type<scalar_t> (&shift)[W], Acc& acc) {
+  using acc_t = acc_type<scalar_t>;
+  Pack<scalar_t, V> v[kUnroll];
+  walk_items(
+      N, first, stride, inner_size, offset, [&](int u, int64_t off) { v[u] = load_pack<scalar_t, V>(x + off); },
+      [&](int u, int64_t) {
+        acc_t a[V];
+        to_acc(v[u], a);
+        for (int k = 0; k < V; ++k) a[k] -= shift[k % W];
+        acc.add(a);
+      });
+}
+
 // ------------------------------------------------------------------------------ planar threads
 // Segment r = row r of every sample; item (n, i) is the pack at element (n * R + r) * L + i * V.
 C10_HOST_DEVICE inline int64_t planar_offset(const WalkGeometry& g, int64_t r, int64_t n, int64_t i, int V) {
   return (n * g.segments() + r) * g.L + i * V;
 }
+
+// Item (n, i) of segment r, as walk_items takes it.
+template <int V>
+struct PlanarOffset {
+  const WalkGeometry& g;
+  int64_t r;
+  C10_HOST_DEVICE int64_t operator()(int64_t n, int64_t i) const { return planar_offset(g, r, n, i, V); }
+};
 
 // The shift of segment r's statistics: its first value.
 template <typename scalar_t>
@@ -238,27 +354,9 @@ template <typename scalar_t, int V>
 C10_HOST_DEVICE Moments<acc_type<scalar_t>, 1> planar_thread_stats(const WalkGeometry& g, const scalar_t* x,
                                                                    int64_t r, int64_t first, int64_t stride) {
   using acc_t = acc_type<scalar_t>;
-  const acc_t shift = planar_shift(g, x, r);
+  const acc_t shift[1] = {planar_shift(g, x, r)};
   PackWelford<acc_t, V> acc;
-  LatticeCursor cur(first, stride, g.L / V);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> v[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // issue the loads first, use them after
-      valid[u] = cur.outer < g.N;
-      if (valid[u]) v[u] = load_pack<scalar_t, V>(x + planar_offset(g, r, cur.outer, cur.inner, V));
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      acc_t a[V];
-      to_acc(v[u], a);
-      for (int k = 0; k < V; ++k) a[k] -= shift;
-      acc.add(a);
-    }
-  }
+  thread_stats<scalar_t, V, 1>(g.N, first, stride, g.L / V, PlanarOffset<V>{g, r}, x, shift, acc);
   return acc.moments();
 }
 
@@ -269,30 +367,8 @@ C10_HOST_DEVICE Sums<acc_type<scalar_t>, 1> planar_thread_grad_sums(const WalkGe
   using acc_t = acc_type<scalar_t>;
   Sums<acc_t, 1> s;
   s.reset();
-  LatticeCursor cur(first, stride, g.L / V);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> vdy[kUnroll], vx[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = cur.outer < g.N;
-      if (valid[u]) {
-        const int64_t off = planar_offset(g, r, cur.outer, cur.inner, V);
-        vdy[u] = load_pack<scalar_t, V>(dy + off);
-        vx[u] = load_pack<scalar_t, V>(x + off);
-      }
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      for (int k = 0; k < V; ++k) {
-        const acc_t d = static_cast<acc_t>(vdy[u].value[k]);
-        s.dy[0] += d;
-        s.dy_xc[0] += d * (static_cast<acc_t>(vx[u].value[k]) - center);
-      }
-    }
-  }
+  const acc_t c[1] = {center};
+  thread_grad_sums<scalar_t, V, 1>(g.N, first, stride, g.L / V, PlanarOffset<V>{g, r}, dy, x, c, s);
   return s;
 }
 
@@ -302,26 +378,13 @@ C10_HOST_DEVICE void planar_thread_apply(const WalkGeometry& g, const scalar_t* 
                                          acc_type<scalar_t> center, acc_type<scalar_t> scale,
                                          acc_type<scalar_t> shift, int64_t r, int64_t first, int64_t stride) {
   using acc_t = acc_type<scalar_t>;
-  LatticeCursor cur(first, stride, g.L / V);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> v[kUnroll];
-    int64_t off[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      off[u] = cur.outer < g.N ? planar_offset(g, r, cur.outer, cur.inner, V) : -1;
-      if (off[u] >= 0) v[u] = load_pack<scalar_t, V>(x + off[u]);
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] < 0) continue;
-      Pack<scalar_t, V> out;
-      for (int k = 0; k < V; ++k) {
-        out.value[k] = static_cast<scalar_t>((static_cast<acc_t>(v[u].value[k]) - center) * scale + shift);
-      }
-      store_pack<scalar_t, V>(y + off[u], out);
-    }
+  acc_t c[V], a[V], b[V];
+  for (int k = 0; k < V; ++k) {
+    c[k] = center;
+    a[k] = scale;
+    b[k] = shift;
   }
+  thread_apply<scalar_t, V>(g.N, first, stride, g.L / V, PlanarOffset<V>{g, r}, x, y, c, a, b);
 }
 
 // dx = k_dy * dy + k_x * (x - center) + k_0 on the thread's items of segment r.
@@ -331,30 +394,14 @@ C10_HOST_DEVICE void planar_thread_grad_apply(const WalkGeometry& g, const scala
                                               acc_type<scalar_t> k_x, acc_type<scalar_t> k_0, int64_t r,
                                               int64_t first, int64_t stride) {
   using acc_t = acc_type<scalar_t>;
-  LatticeCursor cur(first, stride, g.L / V);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> vdy[kUnroll], vx[kUnroll];
-    int64_t off[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      off[u] = cur.outer < g.N ? planar_offset(g, r, cur.outer, cur.inner, V) : -1;
-      if (off[u] >= 0) {
-        vdy[u] = load_pack<scalar_t, V>(dy + off[u]);
-        vx[u] = load_pack<scalar_t, V>(x + off[u]);
-      }
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] < 0) continue;
-      Pack<scalar_t, V> out;
-      for (int k = 0; k < V; ++k) {
-        const acc_t xc = static_cast<acc_t>(vx[u].value[k]) - center;
-        out.value[k] = static_cast<scalar_t>(k_dy * static_cast<acc_t>(vdy[u].value[k]) + k_x * xc + k_0);
-      }
-      store_pack<scalar_t, V>(dx + off[u], out);
-    }
+  acc_t c[V], a[V], b[V], z[V];
+  for (int k = 0; k < V; ++k) {
+    c[k] = center;
+    a[k] = k_dy;
+    b[k] = k_x;
+    z[k] = k_0;
   }
+  thread_grad_apply<scalar_t, V>(g.N, first, stride, g.L / V, PlanarOffset<V>{g, r}, dy, x, dx, c, a, b, z);
 }
 
 // ------------------------------------------------------------------------------ interleaved threads
@@ -378,6 +425,14 @@ C10_HOST_DEVICE acc_type<scalar_t> interleaved_shift(const WalkGeometry& g, cons
   return static_cast<acc_type<scalar_t>>(x[interleaved_offset(g, cv, p, 0, 0, V) + k]);
 }
 
+// Item (n, l) of channel pack cv in piece p, as walk_items takes it.
+template <int V>
+struct InterleavedOffset {
+  const WalkGeometry& g;
+  int64_t cv, p;
+  C10_HOST_DEVICE int64_t operator()(int64_t n, int64_t l) const { return interleaved_offset(g, cv, p, n, l, V); }
+};
+
 // Moments of the thread's values of the V channels of pack cv in piece p, each lane shifted by
 // interleaved_shift.
 template <typename scalar_t, int V>
@@ -389,25 +444,7 @@ C10_HOST_DEVICE Moments<acc_type<scalar_t>, V> interleaved_thread_stats(const Wa
   if (cv * V >= g.C) return acc.moments();
   acc_t shift[V];
   for (int k = 0; k < V; ++k) shift[k] = interleaved_shift(g, x, cv, p, k, V);
-  LatticeCursor cur(first, stride, g.L);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> v[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = cur.outer < g.N;
-      if (valid[u]) v[u] = load_pack<scalar_t, V>(x + interleaved_offset(g, cv, p, cur.outer, cur.inner, V));
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      acc_t a[V];
-      to_acc(v[u], a);
-      for (int k = 0; k < V; ++k) a[k] -= shift[k];
-      acc.add(a);
-    }
-  }
+  thread_stats<scalar_t, V, V>(g.N, first, stride, g.L, InterleavedOffset<V>{g, cv, p}, x, shift, acc);
   return acc.moments();
 }
 
@@ -424,30 +461,7 @@ C10_HOST_DEVICE Sums<acc_type<scalar_t>, V> interleaved_thread_grad_sums(const W
   if (cv * V >= g.C) return s;
   acc_t center[V];
   for (int k = 0; k < V; ++k) center[k] = center_table[interleaved_segment(g, cv, p, k, V)];
-  LatticeCursor cur(first, stride, g.L);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> vdy[kUnroll], vx[kUnroll];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      valid[u] = cur.outer < g.N;
-      if (valid[u]) {
-        const int64_t off = interleaved_offset(g, cv, p, cur.outer, cur.inner, V);
-        vdy[u] = load_pack<scalar_t, V>(dy + off);
-        vx[u] = load_pack<scalar_t, V>(x + off);
-      }
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!valid[u]) continue;
-      for (int k = 0; k < V; ++k) {
-        const acc_t d = static_cast<acc_t>(vdy[u].value[k]);
-        s.dy[k] += d;
-        s.dy_xc[k] += d * (static_cast<acc_t>(vx[u].value[k]) - center[k]);
-      }
-    }
-  }
+  thread_grad_sums<scalar_t, V, V>(g.N, first, stride, g.L, InterleavedOffset<V>{g, cv, p}, dy, x, center, s);
   return s;
 }
 
@@ -466,26 +480,7 @@ C10_HOST_DEVICE void interleaved_thread_apply(const WalkGeometry& g, const scala
     scale[k] = scale_table[s];
     shift[k] = shift_table[s];
   }
-  LatticeCursor cur(first, stride, g.L);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> v[kUnroll];
-    int64_t off[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      off[u] = cur.outer < g.N ? interleaved_offset(g, cv, p, cur.outer, cur.inner, V) : -1;
-      if (off[u] >= 0) v[u] = load_pack<scalar_t, V>(x + off[u]);
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] < 0) continue;
-      Pack<scalar_t, V> out;
-      for (int k = 0; k < V; ++k) {
-        out.value[k] = static_cast<scalar_t>((static_cast<acc_t>(v[u].value[k]) - center[k]) * scale[k] + shift[k]);
-      }
-      store_pack<scalar_t, V>(y + off[u], out);
-    }
-  }
+  thread_apply<scalar_t, V>(g.N, first, stride, g.L, InterleavedOffset<V>{g, cv, p}, x, y, center, scale, shift);
 }
 
 template <typename scalar_t, int V>
@@ -505,30 +500,8 @@ C10_HOST_DEVICE void interleaved_thread_grad_apply(const WalkGeometry& g, const 
     k_x[k] = k_x_table[s];
     k_0[k] = k_0_table[s];
   }
-  LatticeCursor cur(first, stride, g.L);
-  while (cur.outer < g.N) {
-    Pack<scalar_t, V> vdy[kUnroll], vx[kUnroll];
-    int64_t off[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      off[u] = cur.outer < g.N ? interleaved_offset(g, cv, p, cur.outer, cur.inner, V) : -1;
-      if (off[u] >= 0) {
-        vdy[u] = load_pack<scalar_t, V>(dy + off[u]);
-        vx[u] = load_pack<scalar_t, V>(x + off[u]);
-      }
-      cur.advance();
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (off[u] < 0) continue;
-      Pack<scalar_t, V> out;
-      for (int k = 0; k < V; ++k) {
-        const acc_t xc = static_cast<acc_t>(vx[u].value[k]) - center[k];
-        out.value[k] = static_cast<scalar_t>(k_dy[k] * static_cast<acc_t>(vdy[u].value[k]) + k_x[k] * xc + k_0[k]);
-      }
-      store_pack<scalar_t, V>(dx + off[u], out);
-    }
-  }
+  thread_grad_apply<scalar_t, V>(g.N, first, stride, g.L, InterleavedOffset<V>{g, cv, p}, dy, x, dx, center, k_dy,
+                                 k_x, k_0);
 }
 
 // ------------------------------------------------------------------------------ launch shapes
