@@ -106,16 +106,24 @@ class CBNWindow(NamedTuple):
         )
 
 
-def _dots_with_weight(window: CBNWindow, conv_weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """<dmu_k, W_c> and <dvar_k, W_c> for every slot k and channel c, in float64
-    (the stored <., W(tau)> are subtracted from them: float64 keeps the difference)."""
-    K, G = window.dmu.shape[:2]
+def _dots(jac: Tensor, w64: Tensor) -> Tensor:
+    """``<jac[k, g], w64[g, r]>`` for every slot k, group g and row r, as ``(K, G * R)`` in
+    float64; ``jac`` is ``(K, G, I)``, ``w64`` ``(G, R, I)`` float64. The products of
+    float32 numbers are exact in float64 and the sums run in float64: the stored
+    ``<., W(tau)>`` are subtracted from these, so the difference keeps its digits. One
+    batched matmul over the slots' strides (no float64 product tensor)."""
+    K = jac.shape[0]
+    G, R, _ = w64.shape
+    return torch.bmm(w64, jac.to(torch.float64).permute(1, 2, 0)).reshape(G * R, K).t()
+
+
+def _dots_with_weight(dmu: Tensor, dvar: Tensor, conv_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """<dmu_k, W_c> and <dvar_k, W_c> (float64, ``(K, C)``) for Jacobians ``dmu (K, Gc, I)``
+    and ``dvar (K, C, I)``; ``dmu_k`` of group g pairs with the channels of group g."""
+    G = dmu.shape[1]
     C = conv_weight.shape[0]
-    w = conv_weight.detach().to(torch.float64)
-    dmu = window.dmu.to(torch.float64)
-    dmu_dot = torch.einsum("kgi,gci->kgc", dmu, w.reshape(G, C // G, -1))
-    dvar_dot = torch.einsum("kci,ci->kc", window.dvar.to(torch.float64), w.reshape(C, -1))
-    return dmu_dot.reshape(K, C), dvar_dot
+    w = conv_weight.detach().to(torch.float64).reshape(C, -1)
+    return _dots(dmu, w.view(G, C // G, -1)), _dots(dvar, w.view(C, 1, -1))
 
 
 def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin: int
@@ -132,7 +140,7 @@ def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin:
     burn-in is over. Returns ``(past_mean, past_var, keep)``, each (K, C), detached.
     """
     with torch.no_grad():
-        dmu_dot, dvar_dot = _dots_with_weight(window, conv_weight)
+        dmu_dot, dvar_dot = _dots_with_weight(window.dmu, window.dvar, conv_weight)
         delta = rho * (dmu_dot - window.dmu_w)
         past_mean = window.mean.to(torch.float64) + delta
         past_var = window.var.to(torch.float64) + rho * (dvar_dot - window.dvar_w) - delta * delta
@@ -147,9 +155,9 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
 
     ``dmu[g] = mean over (n, positions) of the input patch`` and
     ``dvar[c] = 2 * mean((x_c - mu_c) * patch)`` are weight-gradients of the conv with
-    ``grad_output = 1/M`` and ``2 (x - mu) / M``. Both come out of one
-    ``aten.convolution_backward`` call: the ``1/M`` map is stacked as one extra output
-    channel per conv group. No autograd graph is involved. Returns
+    ``grad_output = 1/M`` and ``2 (x - mu) / M`` (``aten.convolution_backward``; no
+    autograd graph). ``grad_output = 1/M`` is the same for every image, so ``dmu`` is the
+    weight-gradient of the batch-summed input: one image instead of N. Returns
     ``dmu (Gc, Cin/Gc, kh, kw)`` and ``dvar (C, Cin/Gc, kh, kw)`` in float32 (float64 for
     float64 input).
     """
@@ -161,18 +169,17 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
         inp = conv_input.detach().to(acc)
         if any(geometry.input_pad):
             inp = F.pad(inp, geometry.input_pad, mode=geometry.pad_mode)
-        centred = (x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)) * (2.0 / M)
-        uniform = centred.new_full((N, G, 1, Ho, Wo), 1.0 / M)
-        grad_out = torch.cat([centred.reshape(N, G, C // G, Ho, Wo), uniform], dim=2)
-        grad_out = grad_out.reshape(N, G * (C // G + 1), Ho, Wo)
-        cin_g, kh, kw = conv_weight.shape[1:]
-        stacked_weight = inp.new_zeros(G * (C // G + 1), cin_g, kh, kw)
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, inp, stacked_weight, None, list(geometry.stride), list(geometry.padding),
-            list(geometry.dilation), False, [0, 0], G, [False, True, False])
-        grad_w = grad_w.reshape(G, C // G + 1, cin_g, kh, kw)
-        dvar = grad_w[:, : C // G].reshape(C, cin_g, kh, kw)
-        dmu = grad_w[:, C // G]
+        weight = conv_weight.detach().to(acc)  # only its shape (and layout) matter here
+
+        def weight_grad(grad_out: Tensor, conv_in: Tensor, w: Tensor) -> Tensor:
+            return torch.ops.aten.convolution_backward(
+                grad_out, conv_in, w, None, list(geometry.stride), list(geometry.padding),
+                list(geometry.dilation), False, [0, 0], G, [False, True, False])[1]
+
+        summed = inp.sum(0, keepdim=True)
+        dmu = weight_grad(summed.new_full((1, G, Ho, Wo), 1.0 / M), summed, weight[:G])
+        centred = x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)
+        dvar = weight_grad(centred, inp, weight).mul_(2.0 / M)
         return dmu, dvar
 
 
@@ -183,16 +190,13 @@ def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar
     with torch.no_grad():
         store = window.step >= burnin
         slot = window.head.view(1)
-        w = conv_weight.detach().to(torch.float64)
-        G = dmu.shape[0]
-        C = w.shape[0]
-        dmu_w = torch.einsum("gi,gci->gc", dmu.to(torch.float64).reshape(G, -1),
-                             w.reshape(G, C // G, -1)).reshape(C)
-        dvar_w = (dvar.to(torch.float64).reshape(C, -1) * w.reshape(C, -1)).sum(1)
-        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu.reshape(G, -1)),
-                         (window.dvar, dvar.reshape(C, -1)), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
+        G, C = dmu.shape[0], dvar.shape[0]
+        dmu, dvar = dmu.reshape(1, G, -1), dvar.reshape(1, C, -1)
+        dmu_w, dvar_w = _dots_with_weight(dmu, dvar, conv_weight)
+        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu),
+                         (window.dvar, dvar), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
                          (window.valid, torch.ones((), dtype=torch.bool, device=store.device))):
             old = buf.index_select(0, slot)
-            buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).unsqueeze(0), old))
+            buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).view_as(old), old))
         window.head.copy_(torch.where(store, (window.head + 1) % window.slots, window.head))
         window.step.add_(1)
