@@ -2,7 +2,8 @@
 
 This part of CBN is backend-independent plain PyTorch: it is O(window x weight size)
 per step, tiny next to the normalisation itself except for the Jacobian ``dvar``, which
-is one convolution weight-gradient (``aten.convolution_backward``) per step.
+is one convolution weight-gradient (``aten.convolution_backward``) per step, or less for
+a 1x1 conv with no more input than output channels (see ``_pointwise_jacobians``).
 
 Storage per stored step ``tau`` (a ring buffer of ``window - 1`` slots)::
 
@@ -157,15 +158,20 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
     ``dvar[c] = 2 * mean((x_c - mu_c) * patch)`` are weight-gradients of the conv with
     ``grad_output = 1/M`` and ``2 (x - mu) / M`` (``aten.convolution_backward``; no
     autograd graph). ``grad_output = 1/M`` is the same for every image, so ``dmu`` is the
-    weight-gradient of the batch-summed input: one image instead of N. Returns
-    ``dmu (Gc, Cin/Gc, kh, kw)`` and ``dvar (C, Cin/Gc, kh, kw)`` in float32 (float64 for
-    float64 input).
+    weight-gradient of the batch-summed input: one image instead of N. A 1x1 conv without
+    padding and with no more input than output channels takes the cheaper route of
+    :func:`_pointwise_jacobians`. Returns ``dmu (Gc, Cin/Gc, kh, kw)`` and
+    ``dvar (C, Cin/Gc, kh, kw)`` in float32 (float64 for float64 input).
     """
     with torch.no_grad():
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         N, C, Ho, Wo = x.shape
         G = geometry.groups
         M = N * Ho * Wo
+        cin_g, kh, kw = conv_weight.shape[1:]
+        if (kh, kw) == (1, 1) and G == 1 and cin_g <= C and not any(geometry.padding) \
+                and not any(geometry.input_pad):
+            return _pointwise_jacobians(conv_input, conv_weight, x, mu_t, geometry.stride, acc)
         inp = conv_input.detach().to(acc)
         if any(geometry.input_pad):
             inp = F.pad(inp, geometry.input_pad, mode=geometry.pad_mode)
@@ -181,6 +187,39 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
         centred = x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)
         dvar = weight_grad(centred, inp, weight).mul_(2.0 / M)
         return dmu, dvar
+
+
+def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
+                         stride: Tuple[int, int], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """:func:`conv_jacobians` of a 1x1 conv without padding (groups 1). Each patch is one
+    pixel ``p`` of the input's strided grid and ``x_c = <W_c, p> + b_c``, so
+    ``x_c - mean(x_c) = <W_c, p - pbar>`` and::
+
+        dmu  = pbar = mean(p)
+        dvar = 2 mean((x - mu_t) p^T) = 2 W Sigma + 2 (mean(x) - mu_t) pbar^T
+
+    with ``Sigma`` the covariance of the pixels, taken from centred pixels (stable at large
+    offsets). The ``(mean(x) - mu_t)`` term keeps the result exact for a ``mu_t`` that is
+    not this batch's mean (synchronised BN passes the group's). The reduction over the
+    batch is a Cin x Cin product instead of the C x Cin weight-gradient, and x is only
+    read (its mean), not centred into a new x-sized tensor."""
+    C = x.shape[1]
+    pix = conv_input.detach()[:, :, ::stride[0], ::stride[1]]
+    N, cin = pix.shape[:2]
+    M = pix.numel() // cin
+    pbar = pix.mean((0, 2, 3), dtype=acc)
+    centred = pix.to(acc) - pbar.view(1, cin, 1, 1)
+    if centred.is_contiguous(memory_format=torch.channels_last):
+        rows = centred.permute(0, 2, 3, 1).reshape(M, cin)  # a view: (pixels, channels)
+        sigma = rows.t() @ rows
+    else:
+        per_image = centred.reshape(N, cin, -1)
+        sigma = torch.bmm(per_image, per_image.transpose(1, 2)).sum(0)
+    sigma /= M
+    w = conv_weight.detach().to(acc).reshape(C, cin)
+    shift = x.detach().mean((0, 2, 3), dtype=acc) - mu_t.to(acc)
+    dvar = torch.addr(w @ sigma, shift, pbar).mul_(2.0)
+    return pbar.view(1, cin, 1, 1), dvar.view(C, cin, 1, 1)
 
 
 def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar: Tensor,
