@@ -159,10 +159,10 @@ def test_cbn_matches_published_formulation(name):
 
 JACOBIAN_CONVS = {
     **CONVS,
-    # 1x1 convs without padding take the pixel-covariance route (no more input than output
-    # channels); the last two do not (more input channels; padding).
+    # 1x1 convs without padding take the pixel-covariance route where Cin (M + C) <= M C;
+    # the last two do not (more input channels; padding).
     "pointwise_expand_bias": dict(in_channels=3, out_channels=8, kernel_size=1),
-    "pointwise_stride2_square": dict(in_channels=5, out_channels=5, kernel_size=1, stride=2),
+    "pointwise_stride2": dict(in_channels=4, out_channels=6, kernel_size=1, stride=2),
     "pointwise_reduce": dict(in_channels=8, out_channels=3, kernel_size=1),
     "pointwise_padded": dict(in_channels=3, out_channels=6, kernel_size=1, padding=1),
 }
@@ -171,9 +171,13 @@ JACOBIAN_CONVS = {
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", list(JACOBIAN_CONVS))
-def test_conv_jacobians_equal_autograd(name, channels_last):
+def test_conv_jacobians_equal_autograd(name, channels_last, monkeypatch):
     """dmu = d mean(x_c)/dW_c and dvar = d mean((x_c - mu_c)^2)/dW_c with mu a constant that
     is not the batch mean (sync passes the group's), float64, against torch.autograd."""
+    routes = []
+    pointwise = sx.cbn_window._pointwise_jacobians
+    monkeypatch.setattr(sx.cbn_window, "_pointwise_jacobians",
+                        lambda *args: routes.append("pointwise") or pointwise(*args))
     torch.manual_seed(0)
     conv = nn.Conv2d(**JACOBIAN_CONVS[name]).double()
     inp = torch.randn(3, conv.in_channels, 7, 6, dtype=torch.float64) * 1.5 + 0.4
@@ -188,6 +192,8 @@ def test_conv_jacobians_equal_autograd(name, channels_last):
                                              sx.cbn_window.ConvGeometry.from_conv(conv))
     torch.testing.assert_close(dvar, dvar_ref, **TIGHT)
     torch.testing.assert_close(dmu.repeat_interleave(C // G, 0), dmu_ref, **TIGHT)
+    expected = name.startswith("pointwise") and name not in ("pointwise_reduce", "pointwise_padded")
+    assert routes == (["pointwise"] if expected else [])
 
 
 def test_pointwise_conv_jacobians_float32_at_a_large_offset():
