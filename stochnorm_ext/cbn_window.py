@@ -24,7 +24,7 @@ can be captured by torch.compile or a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +151,7 @@ def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin:
 
 
 def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
-                   geometry: ConvGeometry) -> Tuple[Tensor, Tensor]:
+                   geometry: ConvGeometry, mu_is_batch_mean: bool = False) -> Tuple[Tensor, Tensor]:
     """The current step's Jacobians w.r.t. the conv weight, in closed form.
 
     ``dmu[g] = mean over (n, positions) of the input patch`` and
@@ -160,7 +160,9 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
     autograd graph). ``grad_output = 1/M`` is the same for every image, so ``dmu`` is the
     weight-gradient of the batch-summed input: one image instead of N. A 1x1 conv without
     padding takes the route of :func:`_pointwise_jacobians` where that is cheaper:
-    ``Cin * (M + C)`` multiply-adds per output instead of ``M * C``. Returns ``dmu (Gc, Cin/Gc, kh, kw)`` and
+    ``Cin * (M + C)`` multiply-adds per output instead of ``M * C``; it reads x once for
+    its mean unless ``mu_is_batch_mean`` says that ``mu_t`` is x's own per-channel mean
+    (not a synchronised group's). Returns ``dmu (Gc, Cin/Gc, kh, kw)`` and
     ``dvar (C, Cin/Gc, kh, kw)`` in float32 (float64 for float64 input).
     """
     with torch.no_grad():
@@ -171,7 +173,8 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
         cin_g, kh, kw = conv_weight.shape[1:]
         if (kh, kw) == (1, 1) and G == 1 and cin_g * (M + C) <= M * C \
                 and not any(geometry.padding) and not any(geometry.input_pad):
-            return _pointwise_jacobians(conv_input, conv_weight, x, mu_t, geometry.stride, acc)
+            return _pointwise_jacobians(conv_input, conv_weight, None if mu_is_batch_mean else x,
+                                        mu_t, geometry.stride, acc)
         inp = conv_input.detach().to(acc)
         if any(geometry.input_pad):
             inp = F.pad(inp, geometry.input_pad, mode=geometry.pad_mode)
@@ -194,7 +197,7 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
         return dmu, dvar
 
 
-def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
+def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Optional[Tensor], mu_t: Tensor,
                          stride: Tuple[int, int], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
     """:func:`conv_jacobians` of a 1x1 conv without padding (groups 1). Each patch is one
     pixel ``p`` of the input's strided grid and ``x_c = <W_c, p> + b_c``, so
@@ -205,10 +208,11 @@ def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_
 
     with ``Sigma`` the covariance of the pixels, taken from centred pixels (stable at large
     offsets). The ``(mean(x) - mu_t)`` term keeps the result exact for a ``mu_t`` that is
-    not this batch's mean (synchronised BN passes the group's). The reduction over the
-    batch is a Cin x Cin product instead of the C x Cin weight-gradient, and x is only
-    read (its mean), not centred into a new x-sized tensor."""
-    C = x.shape[1]
+    not this batch's mean (synchronised BN passes the group's); ``x=None`` says that
+    ``mu_t`` is x's mean, and the term (rounding only) is left out. The reduction over
+    the batch is a Cin x Cin product instead of the C x Cin weight-gradient, and x is at
+    most read (its mean), not centred into a new x-sized tensor."""
+    C = conv_weight.shape[0]
     pix = conv_input.detach()[:, :, ::stride[0], ::stride[1]]
     N, cin = pix.shape[:2]
     M = pix.numel() // cin
@@ -222,8 +226,10 @@ def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_
         sigma = torch.bmm(per_image, per_image.transpose(1, 2)).sum(0)
     sigma /= M
     w = conv_weight.detach().to(acc).reshape(C, cin)
-    shift = x.detach().mean((0, 2, 3), dtype=acc) - mu_t.to(acc)
-    dvar = torch.addr(w @ sigma, shift, pbar).mul_(2.0)
+    dvar = w @ sigma
+    if x is not None:
+        dvar.addr_(x.detach().mean((0, 2, 3), dtype=acc) - mu_t.to(acc), pbar)
+    dvar.mul_(2.0)
     return pbar.view(1, cin, 1, 1), dvar.view(C, cin, 1, 1)
 
 

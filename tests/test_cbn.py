@@ -169,11 +169,13 @@ JACOBIAN_CONVS = {
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("batch_mean", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", list(JACOBIAN_CONVS))
-def test_conv_jacobians_equal_autograd(name, channels_last, monkeypatch):
-    """dmu = d mean(x_c)/dW_c and dvar = d mean((x_c - mu_c)^2)/dW_c with mu a constant that
-    is not the batch mean (sync passes the group's), float64, against torch.autograd."""
+def test_conv_jacobians_equal_autograd(name, channels_last, batch_mean, monkeypatch):
+    """dmu = d mean(x_c)/dW_c and dvar = d mean((x_c - mu_c)^2)/dW_c with mu a constant, float64,
+    against torch.autograd: mu not the batch mean (sync passes the group's), or the batch
+    mean with ``mu_is_batch_mean=True``."""
     routes = []
     pointwise = sx.cbn_window._pointwise_jacobians
     monkeypatch.setattr(sx.cbn_window, "_pointwise_jacobians",
@@ -185,11 +187,14 @@ def test_conv_jacobians_equal_autograd(name, channels_last, monkeypatch):
         inp = inp.contiguous(memory_format=torch.channels_last)
     x = conv(inp)
     C, G = conv.out_channels, conv.groups
-    mu = x.detach().mean((0, 2, 3)) + 0.3 * torch.randn(C, dtype=torch.float64)
+    mu = x.detach().mean((0, 2, 3))
+    if not batch_mean:
+        mu = mu + 0.3 * torch.randn(C, dtype=torch.float64)
     dmu_ref = torch.autograd.grad(x.mean((0, 2, 3)).sum(), conv.weight, retain_graph=True)[0]
     dvar_ref = torch.autograd.grad(((x - mu.view(1, C, 1, 1)) ** 2).mean((0, 2, 3)).sum(), conv.weight)[0]
     dmu, dvar = sx.cbn_window.conv_jacobians(inp, conv.weight, x.detach(), mu,
-                                             sx.cbn_window.ConvGeometry.from_conv(conv))
+                                             sx.cbn_window.ConvGeometry.from_conv(conv),
+                                             mu_is_batch_mean=batch_mean)
     torch.testing.assert_close(dvar, dvar_ref, **TIGHT)
     torch.testing.assert_close(dmu.repeat_interleave(C // G, 0), dmu_ref, **TIGHT)
     expected = name.startswith("pointwise") and name not in ("pointwise_reduce", "pointwise_padded")
