@@ -2,7 +2,8 @@
 
 This part of CBN is backend-independent plain PyTorch: it is O(window x weight size)
 per step, tiny next to the normalisation itself except for the Jacobian ``dvar``, which
-is one convolution weight-gradient (``aten.convolution_backward``) per step.
+is one convolution weight-gradient (``aten.convolution_backward``) per step, or less for
+a 1x1 conv with fewer input than output channels (see ``_pointwise_jacobians``).
 
 Storage per stored step ``tau`` (a ring buffer of ``window - 1`` slots)::
 
@@ -23,7 +24,7 @@ can be captured by torch.compile or a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -106,16 +107,24 @@ class CBNWindow(NamedTuple):
         )
 
 
-def _dots_with_weight(window: CBNWindow, conv_weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """<dmu_k, W_c> and <dvar_k, W_c> for every slot k and channel c, in float64
-    (the stored <., W(tau)> are subtracted from them: float64 keeps the difference)."""
-    K, G = window.dmu.shape[:2]
+def _dots(jac: Tensor, w64: Tensor) -> Tensor:
+    """``<jac[k, g], w64[g, r]>`` for every slot k, group g and row r, as ``(K, G * R)`` in
+    float64; ``jac`` is ``(K, G, I)``, ``w64`` ``(G, R, I)`` float64. The products of
+    float32 numbers are exact in float64 and the sums run in float64: the stored
+    ``<., W(tau)>`` are subtracted from these, so the difference keeps its digits. One
+    batched matmul over the slots' strides (no float64 product tensor)."""
+    K = jac.shape[0]
+    G, R, _ = w64.shape
+    return torch.bmm(w64, jac.to(torch.float64).permute(1, 2, 0)).reshape(G * R, K).t()
+
+
+def _dots_with_weight(dmu: Tensor, dvar: Tensor, conv_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """<dmu_k, W_c> and <dvar_k, W_c> (float64, ``(K, C)``) for Jacobians ``dmu (K, Gc, I)``
+    and ``dvar (K, C, I)``; ``dmu_k`` of group g pairs with the channels of group g."""
+    G = dmu.shape[1]
     C = conv_weight.shape[0]
-    w = conv_weight.detach().to(torch.float64)
-    dmu = window.dmu.to(torch.float64)
-    dmu_dot = torch.einsum("kgi,gci->kgc", dmu, w.reshape(G, C // G, -1))
-    dvar_dot = torch.einsum("kci,ci->kc", window.dvar.to(torch.float64), w.reshape(C, -1))
-    return dmu_dot.reshape(K, C), dvar_dot
+    w = conv_weight.detach().to(torch.float64).reshape(C, -1)
+    return _dots(dmu, w.view(G, C // G, -1)), _dots(dvar, w.view(C, 1, -1))
 
 
 def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin: int
@@ -132,7 +141,7 @@ def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin:
     burn-in is over. Returns ``(past_mean, past_var, keep)``, each (K, C), detached.
     """
     with torch.no_grad():
-        dmu_dot, dvar_dot = _dots_with_weight(window, conv_weight)
+        dmu_dot, dvar_dot = _dots_with_weight(window.dmu, window.dvar, conv_weight)
         delta = rho * (dmu_dot - window.dmu_w)
         past_mean = window.mean.to(torch.float64) + delta
         past_var = window.var.to(torch.float64) + rho * (dvar_dot - window.dvar_w) - delta * delta
@@ -142,38 +151,86 @@ def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin:
 
 
 def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
-                   geometry: ConvGeometry) -> Tuple[Tensor, Tensor]:
+                   geometry: ConvGeometry, mu_is_batch_mean: bool = False) -> Tuple[Tensor, Tensor]:
     """The current step's Jacobians w.r.t. the conv weight, in closed form.
 
     ``dmu[g] = mean over (n, positions) of the input patch`` and
     ``dvar[c] = 2 * mean((x_c - mu_c) * patch)`` are weight-gradients of the conv with
-    ``grad_output = 1/M`` and ``2 (x - mu) / M``. Both come out of one
-    ``aten.convolution_backward`` call: the ``1/M`` map is stacked as one extra output
-    channel per conv group. No autograd graph is involved. Returns
-    ``dmu (Gc, Cin/Gc, kh, kw)`` and ``dvar (C, Cin/Gc, kh, kw)`` in float32 (float64 for
-    float64 input).
+    ``grad_output = 1/M`` and ``2 (x - mu) / M`` (``aten.convolution_backward``; no
+    autograd graph). ``grad_output = 1/M`` is the same for every image, so ``dmu`` is the
+    weight-gradient of the batch-summed input: one image instead of N. A 1x1 conv without
+    padding takes the route of :func:`_pointwise_jacobians` where that is cheaper:
+    ``Cin * (M + C)`` multiply-adds per output instead of ``M * C``; it reads x once for
+    its mean unless ``mu_is_batch_mean`` says that ``mu_t`` is x's own per-channel mean
+    (not a synchronised group's). Returns ``dmu (Gc, Cin/Gc, kh, kw)`` and
+    ``dvar (C, Cin/Gc, kh, kw)`` in float32 (float64 for float64 input).
     """
     with torch.no_grad():
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         N, C, Ho, Wo = x.shape
         G = geometry.groups
         M = N * Ho * Wo
+        cin_g, kh, kw = conv_weight.shape[1:]
+        if (kh, kw) == (1, 1) and G == 1 and cin_g * (M + C) <= M * C \
+                and not any(geometry.padding) and not any(geometry.input_pad):
+            return _pointwise_jacobians(conv_input, conv_weight, None if mu_is_batch_mean else x,
+                                        mu_t, geometry.stride, acc)
         inp = conv_input.detach().to(acc)
         if any(geometry.input_pad):
             inp = F.pad(inp, geometry.input_pad, mode=geometry.pad_mode)
-        centred = (x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)) * (2.0 / M)
-        uniform = centred.new_full((N, G, 1, Ho, Wo), 1.0 / M)
-        grad_out = torch.cat([centred.reshape(N, G, C // G, Ho, Wo), uniform], dim=2)
-        grad_out = grad_out.reshape(N, G * (C // G + 1), Ho, Wo)
-        cin_g, kh, kw = conv_weight.shape[1:]
-        stacked_weight = inp.new_zeros(G * (C // G + 1), cin_g, kh, kw)
-        _, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_out, inp, stacked_weight, None, list(geometry.stride), list(geometry.padding),
-            list(geometry.dilation), False, [0, 0], G, [False, True, False])
-        grad_w = grad_w.reshape(G, C // G + 1, cin_g, kh, kw)
-        dvar = grad_w[:, : C // G].reshape(C, cin_g, kh, kw)
-        dmu = grad_w[:, C // G]
+        weight = conv_weight.detach().to(acc)  # only its shape (and layout) matter here
+
+        def weight_grad(grad_out: Tensor, conv_in: Tensor, w: Tensor) -> Tensor:
+            return torch.ops.aten.convolution_backward(
+                grad_out, conv_in, w, None, list(geometry.stride), list(geometry.padding),
+                list(geometry.dilation), False, [0, 0], G, [False, True, False])[1]
+
+        if inp.is_contiguous(memory_format=torch.channels_last) and not inp.is_contiguous():
+            # Summed over a view in memory order: sum(0) of a channels_last tensor takes a
+            # path ~15x slower on CPU.
+            summed = inp.permute(0, 2, 3, 1).sum(0).permute(2, 0, 1).unsqueeze(0)
+        else:
+            summed = inp.sum(0, keepdim=True)
+        dmu = weight_grad(summed.new_full((1, G, Ho, Wo), 1.0 / M), summed, weight[:G])
+        centred = x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)
+        dvar = weight_grad(centred, inp, weight).mul_(2.0 / M)
         return dmu, dvar
+
+
+def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Optional[Tensor], mu_t: Tensor,
+                         stride: Tuple[int, int], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """:func:`conv_jacobians` of a 1x1 conv without padding (groups 1). Each patch is one
+    pixel ``p`` of the input's strided grid and ``x_c = <W_c, p> + b_c``, so
+    ``x_c - mean(x_c) = <W_c, p - pbar>`` and::
+
+        dmu  = pbar = mean(p)
+        dvar = 2 mean((x - mu_t) p^T) = 2 W Sigma + 2 (mean(x) - mu_t) pbar^T
+
+    with ``Sigma`` the covariance of the pixels, taken from centred pixels (stable at large
+    offsets). The ``(mean(x) - mu_t)`` term keeps the result exact for a ``mu_t`` that is
+    not this batch's mean (synchronised BN passes the group's); ``x=None`` says that
+    ``mu_t`` is x's mean, and the term (rounding only) is left out. The reduction over
+    the batch is a Cin x Cin product instead of the C x Cin weight-gradient, and x is at
+    most read (its mean), not centred into a new x-sized tensor."""
+    C = conv_weight.shape[0]
+    pix = conv_input.detach()[:, :, ::stride[0], ::stride[1]]
+    N, cin = pix.shape[:2]
+    M = pix.numel() // cin
+    pbar = pix.mean((0, 2, 3), dtype=acc)
+    centred = pix.to(acc) - pbar.view(1, cin, 1, 1)
+    if centred.is_contiguous(memory_format=torch.channels_last):
+        rows = centred.permute(0, 2, 3, 1).reshape(M, cin)  # a view: (pixels, channels)
+        sigma = rows.t() @ rows
+    else:
+        per_image = centred.reshape(N, cin, -1)
+        sigma = torch.bmm(per_image, per_image.transpose(1, 2)).sum(0)
+    sigma /= M
+    w = conv_weight.detach().to(acc).reshape(C, cin)
+    dvar = w @ sigma
+    if x is not None:
+        dvar.addr_(x.detach().mean((0, 2, 3), dtype=acc) - mu_t.to(acc), pbar)
+    dvar.mul_(2.0)
+    return pbar.view(1, cin, 1, 1), dvar.view(C, cin, 1, 1)
 
 
 def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar: Tensor,
@@ -183,16 +240,13 @@ def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar
     with torch.no_grad():
         store = window.step >= burnin
         slot = window.head.view(1)
-        w = conv_weight.detach().to(torch.float64)
-        G = dmu.shape[0]
-        C = w.shape[0]
-        dmu_w = torch.einsum("gi,gci->gc", dmu.to(torch.float64).reshape(G, -1),
-                             w.reshape(G, C // G, -1)).reshape(C)
-        dvar_w = (dvar.to(torch.float64).reshape(C, -1) * w.reshape(C, -1)).sum(1)
-        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu.reshape(G, -1)),
-                         (window.dvar, dvar.reshape(C, -1)), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
+        G, C = dmu.shape[0], dvar.shape[0]
+        dmu, dvar = dmu.reshape(1, G, -1), dvar.reshape(1, C, -1)
+        dmu_w, dvar_w = _dots_with_weight(dmu, dvar, conv_weight)
+        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu),
+                         (window.dvar, dvar), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
                          (window.valid, torch.ones((), dtype=torch.bool, device=store.device))):
             old = buf.index_select(0, slot)
-            buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).unsqueeze(0), old))
+            buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).view_as(old), old))
         window.head.copy_(torch.where(store, (window.head + 1) % window.slots, window.head))
         window.step.add_(1)

@@ -287,7 +287,7 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
             dmu, dvar = distributed.conv_jacobians(conv_input, conv_weight, x, mu_t, geometry,
                                                    process_group)
         else:
-            dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+            dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, geometry, mu_is_batch_mean=True)
         push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
     elif training and update_state and window is not None:
         window.step.add_(1)

@@ -157,6 +157,71 @@ def test_cbn_matches_published_formulation(name):
     assert int(cbn.window_valid.sum()) == 2
 
 
+JACOBIAN_CONVS = {
+    **CONVS,
+    # 1x1 convs without padding take the pixel-covariance route where Cin (M + C) <= M C;
+    # the last two do not (more input channels; padding).
+    "pointwise_expand_bias": dict(in_channels=3, out_channels=8, kernel_size=1),
+    "pointwise_stride2": dict(in_channels=4, out_channels=6, kernel_size=1, stride=2),
+    "pointwise_reduce": dict(in_channels=8, out_channels=3, kernel_size=1),
+    "pointwise_padded": dict(in_channels=3, out_channels=6, kernel_size=1, padding=1),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("batch_mean", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", list(JACOBIAN_CONVS))
+def test_conv_jacobians_equal_autograd(name, channels_last, batch_mean, monkeypatch):
+    """dmu = d mean(x_c)/dW_c and dvar = d mean((x_c - mu_c)^2)/dW_c with mu a constant, float64,
+    against torch.autograd: mu not the batch mean (sync passes the group's), or the batch
+    mean with ``mu_is_batch_mean=True``."""
+    routes = []
+    pointwise = sx.cbn_window._pointwise_jacobians
+    monkeypatch.setattr(sx.cbn_window, "_pointwise_jacobians",
+                        lambda *args: routes.append("pointwise") or pointwise(*args))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**JACOBIAN_CONVS[name]).double()
+    inp = torch.randn(3, conv.in_channels, 7, 6, dtype=torch.float64) * 1.5 + 0.4
+    if channels_last:
+        inp = inp.contiguous(memory_format=torch.channels_last)
+    x = conv(inp)
+    C, G = conv.out_channels, conv.groups
+    mu = x.detach().mean((0, 2, 3))
+    if not batch_mean:
+        mu = mu + 0.3 * torch.randn(C, dtype=torch.float64)
+    dmu_ref = torch.autograd.grad(x.mean((0, 2, 3)).sum(), conv.weight, retain_graph=True)[0]
+    dvar_ref = torch.autograd.grad(((x - mu.view(1, C, 1, 1)) ** 2).mean((0, 2, 3)).sum(), conv.weight)[0]
+    dmu, dvar = sx.cbn_window.conv_jacobians(inp, conv.weight, x.detach(), mu,
+                                             sx.cbn_window.ConvGeometry.from_conv(conv),
+                                             mu_is_batch_mean=batch_mean)
+    torch.testing.assert_close(dvar, dvar_ref, **TIGHT)
+    torch.testing.assert_close(dmu.repeat_interleave(C // G, 0), dmu_ref, **TIGHT)
+    expected = name.startswith("pointwise") and name not in ("pointwise_reduce", "pointwise_padded")
+    assert routes == (["pointwise"] if expected else [])
+
+
+def test_pointwise_conv_jacobians_float32_at_a_large_offset():
+    """The pixel-covariance route of a 1x1 conv in float32, on data with a common offset of
+    1e3 (input and output), stays close to float64: no raw second moments (they would lose
+    ~6% here). (A k x k conv's route reads x - mu, whose float32 rounding at this offset is
+    already of the order of the result.)"""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 8, 1, bias=True).double()
+    with torch.no_grad():
+        conv.bias.fill_(1e3)
+    inp = 1e3 + torch.randn(4, 4, 9, 9, dtype=torch.float64)
+    geometry = sx.cbn_window.ConvGeometry.from_conv(conv)
+    with torch.no_grad():
+        x = conv(inp)
+        exact = sx.cbn_window.conv_jacobians(inp, conv.weight, x, x.mean((0, 2, 3)), geometry)
+        x32 = conv.float()(inp.float())
+        approx = sx.cbn_window.conv_jacobians(inp.float(), conv.weight, x32, x32.mean((0, 2, 3)), geometry)
+    for a, e in zip(approx, exact):
+        assert a.dtype == torch.float32
+        assert float((a.double() - e).abs().max() / e.abs().max()) < 1e-4
+
+
 def test_cbn_drops_entries_with_negative_compensated_variance():
     """A large weight jump makes some compensated variances negative: those entries are
     dropped per channel (others kept), exactly as the published rule says."""
