@@ -12,8 +12,16 @@ raises ValueError on every process. Parameter gradients stay local sums, as with
 collective runs in eval). Every process of the group must run the layer's training
 forward (and backward) the same number of times, as with any collective.
 
-torch.compile: a synchronised layer compiles with graph breaks around its collectives
-(``fullgraph=True`` is not supported with ``sync=True``).
+torch.compile: synchronised layers compile with ``fullgraph=True`` (tested with the
+``aot_eager`` backend). Every collective is a functional one
+(``torch.distributed._functional_collectives``: ``all_gather_single``, ``all_reduce``),
+which dynamo traces into the graph and which runs eagerly as an ordinary collective; the
+all-reduce in the backward of the autograd.Function ``_SyncApply`` lands in the compiled
+backward graph. The value count stays a tensor, so a compiled step has no host
+synchronisation; the "fewer than 2 values" check is then ``torch._assert_async`` in the
+graph: a RuntimeError (not ValueError) with the same message, raised on every rank when
+the graph runs, before the graph's buffer updates are written back (so state is untouched
+under ``aot_eager``; inductor gives no such ordering promise). Eager keeps the ValueError.
 
 One implementation serves every backend. Per layer and step::
 
