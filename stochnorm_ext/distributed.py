@@ -62,11 +62,12 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import accumulate_dtype, memory_format_of
 from .cbn_window import ConvGeometry
+from .cbn_window import CBNWindow, push_entry
 from .cbn_window import conv_jacobians as _local_conv_jacobians
 from .reference import pool_window, update_running_stats
 
 __all__ = ["convert_sync", "check_ready", "stoch_norm", "batch_group_norm", "cross_iteration_norm",
-           "conv_jacobians"]
+           "conv_jacobians", "push_entry_deferred", "PendingEntry"]
 
 
 # ------------------------------------------------------------------------------- public helpers
@@ -364,24 +365,86 @@ def cross_iteration_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     return y, mu_t, var_t
 
 
+def _local_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
+                     geometry: ConvGeometry) -> Tuple[Tensor, Tensor, int]:
+    """This rank's Jacobians and its value count (zeros for an empty batch: its weight in the
+    average is 0, and its closed form would divide by 0)."""
+    N, C, H, W = x.shape
+    local = N * H * W
+    if local > 0:
+        return (*_local_conv_jacobians(conv_input, conv_weight, x, mu_t, geometry), local)
+    acc = accumulate_dtype(x)
+    cin_g, kh, kw = conv_weight.shape[1:]
+    return (conv_weight.new_zeros((geometry.groups, cin_g, kh, kw), dtype=acc),
+            conv_weight.new_zeros((C, cin_g, kh, kw), dtype=acc), local)
+
+
+def _start_average(dmu: Tensor, dvar: Tensor, local: int, process_group) -> Tensor:
+    """Issue the all-reduce of the count-weighted Jacobians (float64). Eagerly the functional
+    collective returns at once, its result an AsyncCollectiveTensor that waits on first use."""
+    flat = torch.cat([dmu.double().flatten() * local, dvar.double().flatten() * local,
+                      dmu.new_full((1,), local, dtype=torch.float64)])
+    return funcol.all_reduce(flat, "sum", _group(process_group))
+
+
+def _finish_average(flat: Tensor, dmu: Tensor, dvar: Tensor) -> Tuple[Tensor, Tensor]:
+    """The averaged Jacobians, shaped and typed like this rank's ``dmu``, ``dvar``."""
+    if isinstance(flat, funcol.AsyncCollectiveTensor):  # eager; under compile the graph waits
+        flat = flat.wait()
+    total = flat[-1]
+    return ((flat[:dmu.numel()] / total).view(dmu.shape).to(dmu.dtype),
+            (flat[dmu.numel():-1] / total).view(dvar.shape).to(dvar.dtype))
+
+
 def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
                    geometry: ConvGeometry, process_group) -> Tuple[Tensor, Tensor]:
     """CBN's Jacobians ``dmu``, ``dvar`` over the whole group: each rank's conv
     weight-gradients (centred on the group's ``mu_t``) averaged with the ranks' value counts
-    by one all-reduce in float64. A rank with an empty batch contributes nothing."""
-    N, C, H, W = x.shape
-    local = N * H * W
-    acc = accumulate_dtype(x)
-    if local > 0:
-        dmu, dvar = _local_conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
-    else:
-        cin_g, kh, kw = conv_weight.shape[1:]
-        dmu = conv_weight.new_zeros((geometry.groups, cin_g, kh, kw), dtype=acc)
-        dvar = conv_weight.new_zeros((C, cin_g, kh, kw), dtype=acc)
-    flat = torch.cat([dmu.double().flatten() * local, dvar.double().flatten() * local,
-                      dmu.new_full((1,), local, dtype=torch.float64)])
-    flat = funcol.all_reduce(flat, "sum", _group(process_group))
-    total = flat[-1]
-    dmu = (flat[:dmu.numel()] / total).view(dmu.shape).to(dmu.dtype)
-    dvar = (flat[dmu.numel():-1] / total).view(dvar.shape).to(dvar.dtype)
-    return dmu, dvar
+    by one all-reduce in float64, waited for here. A rank with an empty batch contributes
+    nothing. (:func:`push_entry_deferred` overlaps that all-reduce with the rest of the step.)"""
+    dmu, dvar, local = _local_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+    return _finish_average(_start_average(dmu, dvar, local, process_group), dmu, dvar)
+
+
+class PendingEntry:
+    """A window entry whose Jacobian average is still in flight (:func:`push_entry_deferred`).
+    ``land()`` waits for the all-reduce and rewrites the entry's slot with the average, exactly
+    what the synchronous path stores; a second call does nothing."""
+
+    def __init__(self, window: CBNWindow, flat: Tensor, dmu: Tensor, dvar: Tensor, mu_t: Tensor,
+                 var_t: Tensor, conv_weight: Tensor, burnin: int):
+        self.flat, self.dmu, self.dvar = flat, dmu, dvar
+        self.mu_t, self.var_t, self.burnin = mu_t, var_t, burnin
+        # The step's slot and counter, and W(tau): the optimiser updates the conv's weight in
+        # place before the entry lands, and <dmu, W(tau)> must use the weight of this step.
+        self.window = window._replace(head=window.head.clone(), step=window.step.clone())
+        self.weight = conv_weight.detach().clone()
+
+    def land(self) -> None:
+        if self.flat is None:
+            return
+        dmu, dvar = _finish_average(self.flat, self.dmu, self.dvar)
+        self.flat = None
+        # push_entry on a copy of head/step: it writes the recorded slot (if the burn-in was
+        # over then) and advances only the copies.
+        push_entry(self.window, self.mu_t, self.var_t, dmu, dvar, self.weight, self.burnin)
+
+
+def push_entry_deferred(window: CBNWindow, conv_input: Tensor, conv_weight: Tensor, x: Tensor,
+                        mu_t: Tensor, var_t: Tensor, geometry: ConvGeometry, burnin: int,
+                        process_group) -> PendingEntry:
+    """Store this step's entry with the group-averaged Jacobians, the average landing later.
+
+    The Jacobians are only needed by later steps, so their all-reduce overlaps the rest of the
+    step: this issues it and stores the entry at once with this rank's own Jacobians (head and
+    step advance, ``mean``/``var``/``valid`` are final); the returned entry's ``land()`` then
+    rewrites the slot's Jacobians and their dot products with the average. The module calls
+    ``land()`` before anything reads the window (its next forward, ``state_dict``,
+    ``load_state_dict``, ``.to()``, pickling, rebinding); until then the slot's ``dmu``,
+    ``dvar``, ``dmu_w`` and ``dvar_w`` buffers, read directly, hold this rank's values."""
+    with torch.no_grad():
+        dmu, dvar, local = _local_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+        flat = _start_average(dmu, dvar, local, process_group)
+        pending = PendingEntry(window, flat, dmu, dvar, mu_t, var_t, conv_weight, burnin)
+        push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
+    return pending

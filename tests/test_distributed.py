@@ -381,3 +381,53 @@ def test_compiled_fullgraph_sync_training_matches_eager_and_one_process():
     steps give the outputs, gradients, running statistics and CBN windows of the eager
     synchronised models and of one process on the whole batch."""
     _spawn(2, _compiled_worker, (2, 3), list(COMPILED))
+
+
+# --------------------------------------------------------------------------- CBN's deferred Jacobian average
+WINDOW_FIELDS = ("mean", "var", "dmu", "dvar", "dmu_w", "dvar_w", "valid", "head")
+
+
+def _deferred_worker(rank, world, sizes):
+    """A synchronised Conv2dCBN (its Jacobian all-reduce overlaps the rest of the step) against
+    the functional form, whose all-reduce is waited for in the step: same outputs and the same
+    window, bitwise, whether the entry lands in state_dict() right after the step or in the
+    next forward after the optimiser changed the conv weight in place."""
+    lo, hi = _slice(sizes, rank)
+    total = sum(sizes)
+    torch.manual_seed(0)
+    layer = sx.Conv2dCBN(3, 6, 3, padding=1, window=3, burnin=1, rho=0.8, sync=True).double()
+    _randomize(layer)
+    conv_w = layer.conv.weight.detach().clone()
+    gamma, beta = layer.norm.weight.detach().clone(), layer.norm.bias.detach().clone()
+    rm, rv = layer.norm.running_mean.clone(), layer.norm.running_var.clone()
+    window = sx.CBNWindow.empty(3, 6, conv_w.shape, dtype=torch.float64)
+    for step in range(5):
+        g = torch.Generator().manual_seed(200 + step)
+        x = (torch.randn(total, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 1)[lo:hi]
+        y = layer(x)
+        what = f"deferred step {step} rank {rank}"
+        assert len(layer.norm._deferred) == 1, what  # in flight (burn-in steps too: the slot keeps itself)
+        expected = sx.functional.cross_iteration_batch_norm(
+            nn.functional.conv2d(x, conv_w, padding=1), x, conv_w, window, gamma, beta, rm, rv,
+            training=True, momentum=0.1, eps=1e-5, rho=0.8, burnin=1, padding=1, sync=True)
+        assert torch.equal(y, expected), what
+        if step % 2:  # a checkpoint right after the step holds the landed entry
+            state = layer.state_dict()
+            assert not layer.norm._deferred, what
+            for field in WINDOW_FIELDS:
+                assert torch.equal(state["norm.window_" + field], getattr(window, field)), f"{what} {field}"
+            assert torch.equal(state["norm.step"], window.step), what
+        with torch.no_grad():  # what the optimiser does before the next forward lands the entry
+            delta = torch.randn(conv_w.shape, generator=g, dtype=torch.float64) * 0.1
+            layer.conv.weight.add_(delta)
+            conv_w.add_(delta)
+    copy.deepcopy(layer)  # lands too
+    assert not layer.norm._deferred
+    for field in WINDOW_FIELDS:
+        assert torch.equal(getattr(layer.norm, "window_" + field), getattr(window, field)), field
+    assert bool(window.valid.all())
+
+
+@pytest.mark.timeout(300)
+def test_cbn_jacobian_average_overlaps_the_step_with_no_observable_difference():
+    _spawn(2, _deferred_worker, (2, 3))
