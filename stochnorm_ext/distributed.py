@@ -47,7 +47,13 @@ Layer specifics:
   one spatial piece of a channel for ``G = m * C``).
 * CBN syncs the current statistics (the compensated past ones are the same on every rank:
   same window, same weights) and averages the Jacobians ``dmu``/``dvar`` with count weights
-  (:func:`conv_jacobians`), so every rank stores the same window entry.
+  (:func:`conv_jacobians`), so every rank stores the same window entry. The Jacobians are
+  only needed by later steps, so the module (eager) overlaps that all-reduce with the rest
+  of the step (:func:`push_entry_deferred`): the entry lands before anything reads the
+  window (the layer's next forward, ``state_dict()``, ``load_state_dict``, ``.to()``,
+  pickling / deepcopy, ``bind``/``unbind``/``reset_window``); only the slot's Jacobian
+  buffers, read directly in between, show this rank's own values. The functional form
+  and compiled steps wait for it within the step.
 """
 from __future__ import annotations
 
