@@ -12,8 +12,16 @@ raises ValueError on every process. Parameter gradients stay local sums, as with
 collective runs in eval). Every process of the group must run the layer's training
 forward (and backward) the same number of times, as with any collective.
 
-torch.compile: a synchronised layer compiles with graph breaks around its collectives
-(``fullgraph=True`` is not supported with ``sync=True``).
+torch.compile: synchronised layers compile with ``fullgraph=True`` (tested with the
+``aot_eager`` backend). Every collective is a functional one
+(``torch.distributed._functional_collectives``: ``all_gather_single``, ``all_reduce``),
+which dynamo traces into the graph and which runs eagerly as an ordinary collective; the
+all-reduce in the backward of the autograd.Function ``_SyncApply`` lands in the compiled
+backward graph. The value count stays a tensor, so a compiled step has no host
+synchronisation; the "fewer than 2 values" check is then ``torch._assert_async`` in the
+graph: a RuntimeError (not ValueError) with the same message, raised on every rank when
+the graph runs, before the graph's buffer updates are written back (so state is untouched
+under ``aot_eager``; inductor gives no such ordering promise). Eager keeps the ValueError.
 
 One implementation serves every backend. Per layer and step::
 
@@ -39,7 +47,13 @@ Layer specifics:
   one spatial piece of a channel for ``G = m * C``).
 * CBN syncs the current statistics (the compensated past ones are the same on every rank:
   same window, same weights) and averages the Jacobians ``dmu``/``dvar`` with count weights
-  (:func:`conv_jacobians`), so every rank stores the same window entry.
+  (:func:`conv_jacobians`), so every rank stores the same window entry. The Jacobians are
+  only needed by later steps, so the module (eager) overlaps that all-reduce with the rest
+  of the step (:func:`push_entry_deferred`): the entry lands before anything reads the
+  window (the layer's next forward, ``state_dict()``, ``load_state_dict``, ``.to()``,
+  pickling / deepcopy, ``bind``/``unbind``/``reset_window``); only the slot's Jacobian
+  buffers, read directly in between, show this rank's own values. The functional form
+  and compiled steps wait for it within the step.
 """
 from __future__ import annotations
 
@@ -49,15 +63,17 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import _functional_collectives as funcol
 from torch.autograd.function import once_differentiable
 
 from ._checks import accumulate_dtype, memory_format_of
 from .cbn_window import ConvGeometry
+from .cbn_window import CBNWindow, push_entry
 from .cbn_window import conv_jacobians as _local_conv_jacobians
-from .reference import update_running_stats
+from .reference import pool_window, update_running_stats
 
 __all__ = ["convert_sync", "check_ready", "stoch_norm", "batch_group_norm", "cross_iteration_norm",
-           "conv_jacobians"]
+           "conv_jacobians", "push_entry_deferred", "PendingEntry"]
 
 
 # ------------------------------------------------------------------------------- public helpers
@@ -166,20 +182,30 @@ class _KernelPasses:
         return torch.ops.stochnorm_ext.segment_grad_apply.default(dy, x, center, k_dy, k_x, k_0)
 
 
+@torch.compiler.assume_constant_result  # a fact about this build: no graph break, no guard
+def _has_segment_kernels(device_type: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "stochnorm_ext::segment_stats", "CUDA" if device_type == "cuda" else "CPU")
+
+
 def _passes(impl, x: Tensor):
     """The backend's kernels when it runs on the ``segment_*`` ops (cpu, cuda) and they have
     a kernel for x's device; plain PyTorch otherwise."""
     name = getattr(impl, "__name__", "").rsplit(".", 1)[-1]
-    if name in ("_backend_cpu", "_backend_cuda") and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "stochnorm_ext::segment_stats", "CUDA" if x.device.type == "cuda" else "CPU"):
+    if name in ("_backend_cpu", "_backend_cuda") and _has_segment_kernels(x.device.type):
         return _KernelPasses
     return _TorchPasses
+
+
+def _group(process_group):
+    """The group the functional collectives run on (None: the default group)."""
+    return dist.group.WORLD if process_group is None else process_group
 
 
 # ------------------------------------------------------------------------------- statistics
 class _Moments(NamedTuple):
     """Statistics merged over every rank of the group and ``k`` consecutive segments."""
-    count: int        # values per statistic, all ranks together
+    count: Tensor     # () float64: values per statistic, all ranks together (a tensor: no host sync)
     mean: Tensor      # (num_stats,) float64
     var: Tensor       # (num_stats,) float64, biased
     extra: Optional[Tensor]  # the first rank's ``extra`` payload (float64), if one was sent
@@ -192,27 +218,31 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
     (segment s = c * pieces + p; BGN's groups of whole channels have k = C / G).
 
     Raises ValueError (on every rank alike, before any state changes) when a statistic
-    covers fewer than 2 values across the group."""
+    covers fewer than 2 values across the group. Under torch.compile that check runs in the
+    graph instead (``torch._assert_async``, a RuntimeError with the same message when the
+    graph runs), so the compiled step has no host synchronisation."""
     C = x.shape[1]
     local_count = x.numel() // (C * pieces)
     mean, m2 = passes.stats(x, pieces)
-    parts = [torch.full((1,), float(local_count), dtype=torch.float64, device=x.device),
+    parts = [mean.new_full((1,), local_count, dtype=torch.float64),
              mean.double().flatten(), m2.double().flatten()]
     if extra is not None:
         parts.append(extra.double().flatten())
-    payload = torch.cat(parts)
-    gathered = [torch.empty_like(payload) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(gathered, payload, group=process_group)
-    table = torch.stack(gathered)                       # (W, 1 + 2 * C * P [+ extra])
+    # Detached: the all-gather is differentiable, but the gradient through the statistics is
+    # _SyncApply's (its own all-reduce); the functional collective is one dynamo traces.
+    payload = torch.cat(parts).detach()
+    table = funcol.all_gather_single(payload.unsqueeze(0), 0, _group(process_group))  # (W, 1 + 2CP [+ extra])
     segs = C * pieces
     counts = table[:, 0].view(-1, 1, 1)
     means = table[:, 1:1 + segs].view(-1, segs // k, k)
     m2s = table[:, 1 + segs:1 + 2 * segs].view(-1, segs // k, k)
-    total = int(round(float(table[:, 0].sum()))) * k  # a host sync: the count is a Python number
-    if total < 2:
-        raise ValueError(f"{layer}: expected more than 1 value per statistic when training, got {total} "
-                         f"summed over the {table.shape[0]} processes of the group (local input of shape "
-                         f"{tuple(x.shape)})")
+    total = table[:, 0].sum() * k  # exact: counts are integers far below 2**53
+    message = (f"{layer}: expected more than 1 value per statistic when training, got fewer summed over "
+               f"the processes of the group (local input of shape {tuple(x.shape)})")
+    if torch.compiler.is_compiling():
+        torch._assert_async(total >= 2, message)
+    elif total < 2:  # one host sync, eager only: every rank raises before any state changes
+        raise ValueError(message.replace("fewer", f"{int(total)}"))
     merged_mean = (counts * means).sum((0, 2)) / total
     merged_m2 = (m2s + counts * (means - merged_mean.view(1, -1, 1)) ** 2).sum((0, 2))
     extra_out = table[0, 1 + 2 * segs:] if extra is not None else None
@@ -248,7 +278,7 @@ class _SyncApply(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Reductions of the statistic each segment belongs to, over every rank.
             sums = torch.stack([gamma * sum_dy, gamma * sum_dy_xc]).double()
-            dist.all_reduce(sums, group=ctx.process_group)
+            sums = funcol.all_reduce(sums, "sum", _group(ctx.process_group))
             sums = sums.view(2, -1, ctx.k).sum(2, keepdim=True).expand(2, -1, ctx.k).reshape(2, C, P)
             sums = sums.to(center.dtype)
             k_x = -invstd ** 3 * sums[1] * red
@@ -315,7 +345,7 @@ def batch_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias:
 
     def per_segment(t):  # (G,) -> (C, pieces)
         return t.repeat_interleave(k).view(C, pieces)
-    red = torch.full_like(mean, 1.0 / moments.count)
+    red = torch.ones_like(mean) / moments.count
     return _apply(x, weight, bias, per_segment(mean), per_segment(torch.rsqrt(var + eps)),
                   per_segment(red), k, process_group, passes)
 
@@ -332,13 +362,7 @@ def cross_iteration_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     acc = accumulate_dtype(x)
     moments = _global_moments(x, 1, 1, passes, process_group, "cross_iteration_batch_norm")
     mu_t, var_t = moments.mean.to(acc), moments.var.to(acc)
-    keep = past_keep.to(torch.bool)
-    p_mean = torch.where(keep, past_mean.to(acc), 0)
-    p_var = torch.where(keep, past_var.to(acc), 0)
-    count = 1 + keep.sum(0).to(acc)
-    mu = (mu_t + p_mean.sum(0)) / count
-    spread = (mu_t - mu) ** 2 + torch.where(keep, (p_mean - mu) ** 2, 0).sum(0)
-    var = (var_t + p_var.sum(0) + spread) / count
+    mu, var, count = pool_window(mu_t, var_t, past_mean, past_var, past_keep)
     red = 1.0 / (count * moments.count)
     if update_stats and running_mean is not None:
         update_running_stats(running_mean, running_var, mu_t, var_t, moments.count, momentum)
@@ -347,24 +371,86 @@ def cross_iteration_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     return y, mu_t, var_t
 
 
+def _local_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
+                     geometry: ConvGeometry) -> Tuple[Tensor, Tensor, int]:
+    """This rank's Jacobians and its value count (zeros for an empty batch: its weight in the
+    average is 0, and its closed form would divide by 0)."""
+    N, C, H, W = x.shape
+    local = N * H * W
+    if local > 0:
+        return (*_local_conv_jacobians(conv_input, conv_weight, x, mu_t, geometry), local)
+    acc = accumulate_dtype(x)
+    cin_g, kh, kw = conv_weight.shape[1:]
+    return (conv_weight.new_zeros((geometry.groups, cin_g, kh, kw), dtype=acc),
+            conv_weight.new_zeros((C, cin_g, kh, kw), dtype=acc), local)
+
+
+def _start_average(dmu: Tensor, dvar: Tensor, local: int, process_group) -> Tensor:
+    """Issue the all-reduce of the count-weighted Jacobians (float64). Eagerly the functional
+    collective returns at once, its result an AsyncCollectiveTensor that waits on first use."""
+    flat = torch.cat([dmu.double().flatten() * local, dvar.double().flatten() * local,
+                      dmu.new_full((1,), local, dtype=torch.float64)])
+    return funcol.all_reduce(flat, "sum", _group(process_group))
+
+
+def _finish_average(flat: Tensor, dmu: Tensor, dvar: Tensor) -> Tuple[Tensor, Tensor]:
+    """The averaged Jacobians, shaped and typed like this rank's ``dmu``, ``dvar``."""
+    if isinstance(flat, funcol.AsyncCollectiveTensor):  # eager; under compile the graph waits
+        flat = flat.wait()
+    total = flat[-1]
+    return ((flat[:dmu.numel()] / total).view(dmu.shape).to(dmu.dtype),
+            (flat[dmu.numel():-1] / total).view(dvar.shape).to(dvar.dtype))
+
+
 def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
                    geometry: ConvGeometry, process_group) -> Tuple[Tensor, Tensor]:
     """CBN's Jacobians ``dmu``, ``dvar`` over the whole group: each rank's conv
     weight-gradients (centred on the group's ``mu_t``) averaged with the ranks' value counts
-    by one all-reduce in float64. A rank with an empty batch contributes nothing."""
-    N, C, H, W = x.shape
-    local = N * H * W
-    acc = accumulate_dtype(x)
-    if local > 0:
-        dmu, dvar = _local_conv_jacobians(conv_input, conv_weight, x, mu_t, geometry)
-    else:
-        cin_g, kh, kw = conv_weight.shape[1:]
-        dmu = conv_weight.new_zeros((geometry.groups, cin_g, kh, kw), dtype=acc)
-        dvar = conv_weight.new_zeros((C, cin_g, kh, kw), dtype=acc)
-    flat = torch.cat([dmu.double().flatten() * local, dvar.double().flatten() * local,
-                      dmu.new_full((1,), local, dtype=torch.float64)])
-    dist.all_reduce(flat, group=process_group)
-    total = flat[-1]
-    dmu = (flat[:dmu.numel()] / total).view(dmu.shape).to(dmu.dtype)
-    dvar = (flat[dmu.numel():-1] / total).view(dvar.shape).to(dvar.dtype)
-    return dmu, dvar
+    by one all-reduce in float64, waited for here. A rank with an empty batch contributes
+    nothing. (:func:`push_entry_deferred` overlaps that all-reduce with the rest of the step.)"""
+    dmu, dvar, local = _local_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+    return _finish_average(_start_average(dmu, dvar, local, process_group), dmu, dvar)
+
+
+class PendingEntry:
+    """A window entry whose Jacobian average is still in flight (:func:`push_entry_deferred`).
+    ``land()`` waits for the all-reduce and rewrites the entry's slot with the average, exactly
+    what the synchronous path stores; a second call does nothing."""
+
+    def __init__(self, window: CBNWindow, flat: Tensor, dmu: Tensor, dvar: Tensor, mu_t: Tensor,
+                 var_t: Tensor, conv_weight: Tensor, burnin: int):
+        self.flat, self.dmu, self.dvar = flat, dmu, dvar
+        self.mu_t, self.var_t, self.burnin = mu_t, var_t, burnin
+        # The step's slot and counter, and W(tau): the optimiser updates the conv's weight in
+        # place before the entry lands, and <dmu, W(tau)> must use the weight of this step.
+        self.window = window._replace(head=window.head.clone(), step=window.step.clone())
+        self.weight = conv_weight.detach().clone()
+
+    def land(self) -> None:
+        if self.flat is None:
+            return
+        dmu, dvar = _finish_average(self.flat, self.dmu, self.dvar)
+        self.flat = None
+        # push_entry on a copy of head/step: it writes the recorded slot (if the burn-in was
+        # over then) and advances only the copies.
+        push_entry(self.window, self.mu_t, self.var_t, dmu, dvar, self.weight, self.burnin)
+
+
+def push_entry_deferred(window: CBNWindow, conv_input: Tensor, conv_weight: Tensor, x: Tensor,
+                        mu_t: Tensor, var_t: Tensor, geometry: ConvGeometry, burnin: int,
+                        process_group) -> PendingEntry:
+    """Store this step's entry with the group-averaged Jacobians, the average landing later.
+
+    The Jacobians are only needed by later steps, so their all-reduce overlaps the rest of the
+    step: this issues it and stores the entry at once with this rank's own Jacobians (head and
+    step advance, ``mean``/``var``/``valid`` are final); the returned entry's ``land()`` then
+    rewrites the slot's Jacobians and their dot products with the average. The module calls
+    ``land()`` before anything reads the window (its next forward, ``state_dict``,
+    ``load_state_dict``, ``.to()``, pickling, rebinding); until then the slot's ``dmu``,
+    ``dvar``, ``dmu_w`` and ``dvar_w`` buffers, read directly, hold this rank's values."""
+    with torch.no_grad():
+        dmu, dvar, local = _local_jacobians(conv_input, conv_weight, x, mu_t, geometry)
+        flat = _start_average(dmu, dvar, local, process_group)
+        pending = PendingEntry(window, flat, dmu, dvar, mu_t, var_t, conv_weight, burnin)
+        push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
+    return pending

@@ -248,10 +248,12 @@ def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, windo
 
 def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
                      running_var, training, momentum, eps, rho, burnin, backend, past, update_state,
-                     sync=False, process_group=None):
+                     sync=False, process_group=None, deferred=None):
     """The whole CBN step. ``past`` (precomputed compensated entries) is given when the
     module recomputes a step under activation checkpointing; ``update_state=False`` then
-    leaves running statistics and the window alone."""
+    leaves running statistics and the window alone. ``deferred`` (a list; the module's)
+    lets a synchronised eager step overlap its Jacobian all-reduce with the rest of the step:
+    the pending entry is appended to it (``distributed.push_entry_deferred``)."""
     layer = "cross_iteration_batch_norm"
     _checks.check_input(x, None, (4,), layer)
     C = x.shape[1]
@@ -283,6 +285,10 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
         y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
                                                    training, momentum, eps, update_state)
     if use_window and update_state:
+        if syncing and deferred is not None and not torch.compiler.is_compiling():
+            deferred.append(distributed.push_entry_deferred(window, conv_input, conv_weight, x, mu_t, var_t,
+                                                            geometry, burnin, process_group))
+            return y
         if syncing:  # the Jacobians averaged over the group: every rank stores the same entry
             dmu, dvar = distributed.conv_jacobians(conv_input, conv_weight, x, mu_t, geometry,
                                                    process_group)

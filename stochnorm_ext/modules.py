@@ -383,6 +383,15 @@ class CrossIterationBatchNorm2d(_NormBase):
         self._geometry = None
         self._hook = None
         self._captured = None
+        # Window entries of synchronised steps whose Jacobian average is still in flight
+        # (stochnorm_ext.distributed.push_entry_deferred); landed before the window is read.
+        self._deferred = []
+
+    def _land(self) -> None:
+        """Finish the in-flight Jacobian averages (a no-op without sync)."""
+        deferred = self.__dict__.get("_deferred")  # absent in modules pickled before it existed
+        while deferred:
+            deferred.pop(0).land()
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", window={self.window}, burnin={self.burnin}, rho={self.rho}"
@@ -419,6 +428,7 @@ class CrossIterationBatchNorm2d(_NormBase):
 
     def unbind(self) -> None:
         """Detach from the conv and drop the window buffers."""
+        self._land()
         if self._hook is not None:
             self._hook.remove()
         for field in _WINDOW_FIELDS:
@@ -429,11 +439,13 @@ class CrossIterationBatchNorm2d(_NormBase):
 
     def reset_window(self) -> None:
         """Empty the window (keeps the binding, the step counter and running statistics)."""
+        self._land()
         if self._conv is not None:
             self.window_valid.zero_()
             self.window_head.zero_()
 
     def _window(self) -> Optional[CBNWindow]:
+        self._land()
         if self._conv is None:
             return None
         return CBNWindow(*(getattr(self, "window_" + f) for f in _WINDOW_FIELDS), step=self.step)
@@ -441,6 +453,7 @@ class CrossIterationBatchNorm2d(_NormBase):
     def forward(self, input: Tensor, conv_input: Optional[Tensor] = None) -> Tensor:
         """Normalise ``input``, the bound conv's output. ``conv_input`` overrides the input
         captured by the bound conv's hook (``Conv2dCBN`` passes it)."""
+        self._land()
         self._check_input(input)
         name = type(self).__name__
         use_window = self.training and self.window > 1
@@ -478,7 +491,7 @@ class CrossIterationBatchNorm2d(_NormBase):
                              self.running_mean, self.running_var, self.training,
                              self._momentum_factor(update), self.eps, self.rho, self.burnin,
                              self.backend, past, update_state=update, sync=self.sync,
-                             process_group=self.process_group)
+                             process_group=self.process_group, deferred=self._deferred)
         if update:
             self._count_step()
         return y
@@ -486,6 +499,7 @@ class CrossIterationBatchNorm2d(_NormBase):
     def _apply(self, fn, recurse=True):
         # <dmu, W(tau)> and <dvar, W(tau)> stay float64 whatever .half()/.float()/.to(dtype)
         # does to the other buffers: their differences with <., W(t)> need the precision.
+        self._land()
         exact = {k: self._buffers.pop(k) for k in ("window_dmu_w", "window_dvar_w") if k in self._buffers}
         super()._apply(fn, recurse)
         for key, t in exact.items():
@@ -494,6 +508,7 @@ class CrossIterationBatchNorm2d(_NormBase):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self._land()
         has_window = [k for k in state_dict if k.startswith(prefix + "window_")
                       and "." not in k[len(prefix):]]
         if has_window and self._conv is None:
@@ -510,10 +525,16 @@ class CrossIterationBatchNorm2d(_NormBase):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._land()  # a checkpoint holds the last step's entry
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def __getstate__(self):
+        self._land()
         state = super().__getstate__()
         state = dict(state)
         state["_captured"] = None  # never pickle an activation
+        state["_deferred"] = []
         return state
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._checks import accumulate_dtype, memory_format_of, stat_dims
 
-__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "update_running_stats"]
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "pool_window", "update_running_stats"]
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
@@ -119,6 +119,22 @@ def batch_group_norm(
     return _finish(_affine(z.reshape(x.shape), weight, bias), x)
 
 
+def pool_window(mu_t: Tensor, var_t: Tensor, past_mean: Tensor, past_var: Tensor, past_keep: Tensor
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """CBN's pooled statistics: the current ``mu_t``/``var_t`` (C,) with the kept compensated
+    past entries (K, C), all in ``mu_t``'s dtype. Returns ``(mu, var, count)``, ``count_c =
+    1 + kept entries`` (see :func:`cross_iteration_norm`; the synchronised path uses it too)."""
+    acc = mu_t.dtype
+    keep = past_keep.to(torch.bool)
+    p_mean = torch.where(keep, past_mean.to(acc), 0)
+    p_var = torch.where(keep, past_var.to(acc), 0)
+    count = 1 + keep.sum(0).to(acc)
+    mu = (mu_t + p_mean.sum(0)) / count
+    spread = (mu_t - mu) ** 2 + torch.where(keep, (p_mean - mu) ** 2, 0).sum(0)
+    var = (var_t + p_var.sum(0) + spread) / count
+    return mu, var, count
+
+
 def cross_iteration_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -145,13 +161,7 @@ def cross_iteration_norm(
     acc = accumulate_dtype(x)
     xf = x.to(acc)
     var_t, mu_t = torch.var_mean(xf, dim=stat_dims(x), correction=0)
-    keep = past_keep.to(torch.bool)
-    p_mean = torch.where(keep, past_mean.to(acc), 0)
-    p_var = torch.where(keep, past_var.to(acc), 0)
-    count = 1 + keep.sum(0).to(acc)
-    mu = (mu_t + p_mean.sum(0)) / count
-    spread = (mu_t - mu) ** 2 + torch.where(keep, (p_mean - mu) ** 2, 0).sum(0)
-    var = (var_t + p_var.sum(0) + spread) / count
+    mu, var, _ = pool_window(mu_t, var_t, past_mean, past_var, past_keep)
     z = (xf - _per_channel(mu, x)) * _per_channel(torch.rsqrt(var + eps), x)
     y = _finish(_affine(z, weight, bias), x)
     if training and update_stats and running_mean is not None:

@@ -58,14 +58,18 @@ def _no_collectives():
     """Any collective inside raises (eval must never sync)."""
     def forbidden(*args, **kwargs):
         raise AssertionError("a collective ran in eval")
-    saved = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "broadcast")}
-    for name in saved:
-        setattr(dist, name, forbidden)
+    from torch.distributed import _functional_collectives as funcol
+    saved = {(module, name): getattr(module, name)
+             for module, names in ((dist, ("all_gather", "all_reduce", "broadcast")),
+                                   (funcol, ("all_gather_single", "all_gather_tensor", "all_reduce")))
+             for name in names}
+    for module, name in saved:
+        setattr(module, name, forbidden)
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(dist, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
 
 
 # --------------------------------------------------------------------------- layers
@@ -290,3 +294,140 @@ def test_sync_uses_the_backend_kernels_where_there_are_any():
             a = getattr(distributed._KernelPasses, name)(*args)
             b = getattr(distributed._TorchPasses, name)(*args)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# --------------------------------------------------------------------------- torch.compile
+def _conv2dcbn_model():
+    return nn.Sequential(
+        sx.Conv2dCBN(3, 8, 3, padding=1, window=3, burnin=1, rho=0.8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+# key -> the model (sync off; convert_sync turns it on for every layer, Conv2dCBN's included)
+COMPILED = {
+    "stochnorm": lambda: sx.convert_model(_small_model(), "stochnorm", p=0.5),
+    "bgn_groups": lambda: sx.convert_model(_small_model(), "bgn", num_groups=4),
+    "bgn_pieces": lambda: sx.convert_model(_small_model(), "bgn", num_groups=16),
+    # a Conv2dCBN (explicit conv input) and a conv -> BN pair bound by convert_model (a hook)
+    "cbn": lambda: sx.convert_model(_conv2dcbn_model(), "cbn", window=3, burnin=1),
+}
+
+
+def _local_loss(model, x, target, total):
+    """This rank's share of the mean loss over the whole batch: the ranks' gradients sum to
+    the single process's."""
+    out = model(x)
+    return out, nn.functional.cross_entropy(out, target, reduction="sum") / total
+
+
+def _compiled_worker(rank, world, sizes, keys):
+    lo, hi = _slice(sizes, rank)
+    total = sum(sizes)
+    for key in keys:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        single = COMPILED[key]().double()
+        _randomize(single)
+        eager = sx.convert_sync(copy.deepcopy(single))
+        assert sum(getattr(m, "sync", False) for m in eager.modules()) == 2, key
+        compiled = copy.deepcopy(eager)
+        step_fn = torch.compile(_local_loss, fullgraph=True, backend="aot_eager")
+        models = (single, eager, compiled)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+        for step in range(3):
+            g = torch.Generator().manual_seed(50 + step)
+            x = torch.randn(total, 3, 6, 6, generator=g, dtype=torch.float64) * 2 + 1
+            target = torch.randint(0, 4, (total,), generator=g)
+            torch.manual_seed(step)
+            out_s, loss_s = _local_loss(single, x, target, total)
+            loss_s.backward()
+            results = []
+            for model, fn in ((eager, _local_loss), (compiled, step_fn)):
+                torch.manual_seed(step + 10 * rank)  # rank 0's StochNorm mask must win
+                out, loss = fn(model, x[lo:hi], target[lo:hi], total)
+                loss.backward()
+                results.append(out)
+            what = f"compiled {key} step {step} rank {rank}"
+            _close(results[0], out_s[lo:hi], what + " eager output")
+            _close(results[1], out_s[lo:hi], what + " compiled output")
+            for name, ps in single.named_parameters():
+                for model, kind in ((eager, "eager"), (compiled, "compiled")):
+                    grad = model.get_parameter(name).grad
+                    dist.all_reduce(grad)  # what DDP does (it averages: the same check)
+                    _close(grad, ps.grad, f"{what} {kind} gradient of {name}")
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+            reference = single.state_dict()
+            for model, kind in ((eager, "eager"), (compiled, "compiled")):
+                state = model.state_dict()
+                assert state.keys() == reference.keys(), what
+                for name, expected in reference.items():
+                    if expected.is_floating_point():
+                        _close(state[name], expected, f"{what} {kind} {name}")
+                    else:
+                        assert torch.equal(state[name], expected), f"{what} {kind} {name}"
+        if key == "cbn":  # the window took part: 3 steps after a burn-in of 1 fill both slots
+            assert all(bool(m.window_valid.all()) for m in compiled.modules()
+                       if isinstance(m, sx.CrossIterationBatchNorm2d)), what
+
+
+@pytest.mark.timeout(600)
+def test_compiled_fullgraph_sync_training_matches_eager_and_one_process():
+    """torch.compile(fullgraph=True, backend='aot_eager') of the training step of models with
+    synchronised layers of every kind (2 processes, batches of 2 and 3): the collectives are
+    traced (forward all-gather, backward all-reduce, CBN's Jacobian all-reduce), and 3 SGD
+    steps give the outputs, gradients, running statistics and CBN windows of the eager
+    synchronised models and of one process on the whole batch."""
+    _spawn(2, _compiled_worker, (2, 3), list(COMPILED))
+
+
+# --------------------------------------------------------------------------- CBN's deferred Jacobian average
+WINDOW_FIELDS = ("mean", "var", "dmu", "dvar", "dmu_w", "dvar_w", "valid", "head")
+
+
+def _deferred_worker(rank, world, sizes):
+    """A synchronised Conv2dCBN (its Jacobian all-reduce overlaps the rest of the step) against
+    the functional form, whose all-reduce is waited for in the step: same outputs and the same
+    window, bitwise, whether the entry lands in state_dict() right after the step or in the
+    next forward after the optimiser changed the conv weight in place."""
+    lo, hi = _slice(sizes, rank)
+    total = sum(sizes)
+    torch.manual_seed(0)
+    layer = sx.Conv2dCBN(3, 6, 3, padding=1, window=3, burnin=1, rho=0.8, sync=True).double()
+    _randomize(layer)
+    conv_w = layer.conv.weight.detach().clone()
+    gamma, beta = layer.norm.weight.detach().clone(), layer.norm.bias.detach().clone()
+    rm, rv = layer.norm.running_mean.clone(), layer.norm.running_var.clone()
+    window = sx.CBNWindow.empty(3, 6, conv_w.shape, dtype=torch.float64)
+    for step in range(5):
+        g = torch.Generator().manual_seed(200 + step)
+        x = (torch.randn(total, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 1)[lo:hi]
+        y = layer(x)
+        what = f"deferred step {step} rank {rank}"
+        assert len(layer.norm._deferred) == 1, what  # in flight (burn-in steps too: the slot keeps itself)
+        expected = sx.functional.cross_iteration_batch_norm(
+            nn.functional.conv2d(x, conv_w, padding=1), x, conv_w, window, gamma, beta, rm, rv,
+            training=True, momentum=0.1, eps=1e-5, rho=0.8, burnin=1, padding=1, sync=True)
+        assert torch.equal(y, expected), what
+        if step % 2:  # a checkpoint right after the step holds the landed entry
+            state = layer.state_dict()
+            assert not layer.norm._deferred, what
+            for field in WINDOW_FIELDS:
+                assert torch.equal(state["norm.window_" + field], getattr(window, field)), f"{what} {field}"
+            assert torch.equal(state["norm.step"], window.step), what
+        with torch.no_grad():  # what the optimiser does before the next forward lands the entry
+            delta = torch.randn(conv_w.shape, generator=g, dtype=torch.float64) * 0.1
+            layer.conv.weight.add_(delta)
+            conv_w.add_(delta)
+    copy.deepcopy(layer)  # lands too
+    assert not layer.norm._deferred
+    for field in WINDOW_FIELDS:
+        assert torch.equal(getattr(layer.norm, "window_" + field), getattr(window, field)), field
+    assert bool(window.valid.all())
+
+
+@pytest.mark.timeout(300)
+def test_cbn_jacobian_average_overlaps_the_step_with_no_observable_difference():
+    _spawn(2, _deferred_worker, (2, 3))
