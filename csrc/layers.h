@@ -44,6 +44,43 @@ inline at::TensorOptions acc_options(const Tensor& input) {
   return input.options().dtype(common::accumulate_type(input.scalar_type()));
 }
 
+// ======================================================================== per-channel backward
+// StochNorm and CBN share their backward but for the per-channel coefficients: the reduce pass
+// (sum dy, sum dy (x - center)) and the buffers come from here, the layer's coefficients Step
+// fills k_dy, k_x, k_0 and the parameter gradients, then finish() runs the apply pass.
+
+template <typename Device>
+struct ChannelBackwardPass {
+  common::SegmentInput in;
+  at::TensorOptions acc;
+  Tensor w, ctr, r, sum_dy, sum_dy_xc, k_dy, k_x, k_0, grad_weight, grad_bias;
+
+  ChannelBackwardPass(const Tensor& grad_output, const Tensor& input, const std::optional<Tensor>& weight,
+                      const Tensor& center, const Tensor& invstd, const char* op)
+      : in(common::segment_input(input, 1)), acc(acc_options(input)) {
+    const int64_t C = input.size(1);
+    w = acc_vector(weight, C, input, op, "weight");
+    ctr = required_acc_vector(center, C, input, op, "center");
+    r = required_acc_vector(invstd, C, input, op, "invstd");
+    std::tie(sum_dy, sum_dy_xc) = Device::segment_grad_sums(grad_output, in, ctr);
+    k_dy = at::empty({C}, acc), k_x = at::empty({C}, acc), k_0 = at::empty({C}, acc);
+    grad_weight = new_output({C}, acc), grad_bias = new_output({C}, acc);
+  }
+
+  template <typename scalar_t>
+  cf::ChannelBackward<scalar_t> args() const {
+    return {sum_dy.const_data_ptr<scalar_t>(), sum_dy_xc.const_data_ptr<scalar_t>(), scalar_t(in.geometry.count()),
+            ptr_or_null<scalar_t>(w), r.const_data_ptr<scalar_t>(), k_dy.data_ptr<scalar_t>(),
+            k_x.data_ptr<scalar_t>(), k_0.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
+            grad_bias.data_ptr<scalar_t>()};
+  }
+
+  BackwardResult finish(const Tensor& grad_output, const std::optional<Tensor>& weight) const {
+    Tensor grad_input = Device::segment_grad_apply(grad_output, in, ctr, k_dy, k_x, k_0);
+    return {grad_input, common::in_weight_dtype(grad_weight, weight), common::in_weight_dtype(grad_bias, weight)};
+  }
+};
+
 // ======================================================================== StochNorm
 // mask (C,) bool: True = this batch's statistics, False = the running statistics as passed in
 // (the caller updates them after this call, from batch_mean/batch_var). No mask: eval, every
@@ -90,27 +127,13 @@ BackwardResult stoch_norm_backward(const Tensor& grad_output, const Tensor& inpu
   [[maybe_unused]] const auto guard = Device::enter(input, op);
   common::check_input(input, op);
   const int64_t C = input.size(1);
-  const common::SegmentInput in = common::segment_input(input, 1);
-  const at::TensorOptions acc = acc_options(input);
-  const Tensor w = acc_vector(weight, C, input, op, "weight");
-  const Tensor ctr = required_acc_vector(center, C, input, op, "center");
-  const Tensor r = required_acc_vector(invstd, C, input, op, "invstd");
   const Tensor m = mask.has_value() && mask->defined() ? bool_arg(*mask, {C}, input, op, "mask") : Tensor();
-  Tensor sum_dy, sum_dy_xc;  // (no structured binding: lambdas capture them, C++17)
-  std::tie(sum_dy, sum_dy_xc) = Device::segment_grad_sums(grad_output, in, ctr);
-  Tensor k_dy = at::empty({C}, acc), k_x = at::empty({C}, acc), k_0 = at::empty({C}, acc);
-  Tensor grad_weight = new_output({C}, acc), grad_bias = new_output({C}, acc);
-  STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
-    const cf::StochNormBackward<scalar_t> a{
-        {sum_dy.const_data_ptr<scalar_t>(), sum_dy_xc.const_data_ptr<scalar_t>(), scalar_t(in.geometry.count()),
-         ptr_or_null<scalar_t>(w), r.const_data_ptr<scalar_t>(), k_dy.data_ptr<scalar_t>(),
-         k_x.data_ptr<scalar_t>(), k_0.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
-         grad_bias.data_ptr<scalar_t>()},
-        ptr_or_null<bool>(m)};
+  ChannelBackwardPass<Device> pass(grad_output, input, weight, center, invstd, op);
+  STOCHNORM_ACC_DISPATCH(pass.acc.dtype().toScalarType(), op, [&] {
+    const cf::StochNormBackward<scalar_t> a{pass.template args<scalar_t>(), ptr_or_null<bool>(m)};
     Device::template for_each_index<cf::StochNormBackwardStep>(C, a);
   });
-  Tensor grad_input = Device::segment_grad_apply(grad_output, in, ctr, k_dy, k_x, k_0);
-  return {grad_input, common::in_weight_dtype(grad_weight, weight), common::in_weight_dtype(grad_bias, weight)};
+  return pass.finish(grad_output, weight);
 }
 
 // ======================================================================== BGN
@@ -257,29 +280,16 @@ BackwardResult cross_iteration_norm_backward(const Tensor& grad_output, const Te
   [[maybe_unused]] const auto guard = Device::enter(input, op);
   common::check_input(input, op);
   const int64_t C = input.size(1);
-  const common::SegmentInput in = common::segment_input(input, 1);
-  const at::TensorOptions acc = acc_options(input);
   TORCH_CHECK(past_keep.dim() == 2, op, ": past_keep must have shape (K, ", C, "), got ", past_keep.sizes());
   const int64_t K = past_keep.size(0);
   const Tensor keep = bool_arg(past_keep, {K, C}, input, op, "past_keep");
-  const Tensor w = acc_vector(weight, C, input, op, "weight");
-  const Tensor ctr = required_acc_vector(center, C, input, op, "center");
-  const Tensor r = required_acc_vector(invstd, C, input, op, "invstd");
-  Tensor sum_dy, sum_dy_xc;  // (no structured binding: lambdas capture them, C++17)
-  std::tie(sum_dy, sum_dy_xc) = Device::segment_grad_sums(grad_output, in, ctr);
-  Tensor k_dy = at::empty({C}, acc), k_x = at::empty({C}, acc), k_0 = at::empty({C}, acc);
-  Tensor grad_weight = new_output({C}, acc), grad_bias = new_output({C}, acc);
-  STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
-    const cf::CrossIterationBackward<scalar_t> a{
-        {sum_dy.const_data_ptr<scalar_t>(), sum_dy_xc.const_data_ptr<scalar_t>(), scalar_t(in.geometry.count()),
-         ptr_or_null<scalar_t>(w), r.const_data_ptr<scalar_t>(), k_dy.data_ptr<scalar_t>(),
-         k_x.data_ptr<scalar_t>(), k_0.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
-         grad_bias.data_ptr<scalar_t>()},
-        use_batch_stats, C, K, keep.const_data_ptr<bool>()};
+  ChannelBackwardPass<Device> pass(grad_output, input, weight, center, invstd, op);
+  STOCHNORM_ACC_DISPATCH(pass.acc.dtype().toScalarType(), op, [&] {
+    const cf::CrossIterationBackward<scalar_t> a{pass.template args<scalar_t>(), use_batch_stats, C, K,
+                                                 keep.const_data_ptr<bool>()};
     Device::template for_each_index<cf::CrossIterationBackwardStep>(C, a);
   });
-  Tensor grad_input = Device::segment_grad_apply(grad_output, in, ctr, k_dy, k_x, k_0);
-  return {grad_input, common::in_weight_dtype(grad_weight, weight), common::in_weight_dtype(grad_bias, weight)};
+  return pass.finish(grad_output, weight);
 }
 
 #undef STOCHNORM_ACC_DISPATCH
