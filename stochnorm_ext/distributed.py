@@ -63,7 +63,6 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed import _functional_collectives as funcol
 from torch.autograd.function import once_differentiable
 
 from ._checks import accumulate_dtype, memory_format_of
@@ -74,6 +73,14 @@ from .reference import pool_window, update_running_stats
 
 __all__ = ["convert_sync", "check_ready", "stoch_norm", "batch_group_norm", "cross_iteration_norm",
            "conv_jacobians", "push_entry_deferred", "PendingEntry"]
+
+
+def _funcol():
+    """``torch.distributed._functional_collectives``, imported on first use: it imports
+    torch._dynamo and Triton, which ``import stochnorm_ext`` must not pay for (over a second;
+    and Triton must load after ``TRITON_INTERPRET`` is set, e.g. by the self-check)."""
+    from torch.distributed import _functional_collectives
+    return _functional_collectives
 
 
 # ------------------------------------------------------------------------------- public helpers
@@ -182,19 +189,12 @@ class _KernelPasses:
         return torch.ops.stochnorm_ext.segment_grad_apply.default(dy, x, center, k_dy, k_x, k_0)
 
 
-@torch.compiler.assume_constant_result  # a fact about this build: no graph break, no guard
-def _has_segment_kernels(device_type: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "stochnorm_ext::segment_stats", "CUDA" if device_type == "cuda" else "CPU")
-
-
-def _passes(impl, x: Tensor):
-    """The backend's kernels when it runs on the ``segment_*`` ops (cpu, cuda) and they have
-    a kernel for x's device; plain PyTorch otherwise."""
+def _passes(impl):
+    """The backend's kernels when it runs on the ``segment_*`` ops (cpu, cuda), plain PyTorch
+    otherwise. ``_backend.resolve`` picked ``impl`` for the input's device and only offers cpu / cuda
+    where their kernels (the ``segment_*`` ones included) exist for that device."""
     name = getattr(impl, "__name__", "").rsplit(".", 1)[-1]
-    if name in ("_backend_cpu", "_backend_cuda") and _has_segment_kernels(x.device.type):
-        return _KernelPasses
-    return _TorchPasses
+    return _KernelPasses if name in ("_backend_cpu", "_backend_cuda") else _TorchPasses
 
 
 def _group(process_group):
@@ -231,7 +231,7 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
     # Detached: the all-gather is differentiable, but the gradient through the statistics is
     # _SyncApply's (its own all-reduce); the functional collective is one dynamo traces.
     payload = torch.cat(parts).detach()
-    table = funcol.all_gather_single(payload.unsqueeze(0), 0, _group(process_group))  # (W, 1 + 2CP [+ extra])
+    table = _funcol().all_gather_single(payload.unsqueeze(0), 0, _group(process_group))  # (W, 1 + 2CP [+ extra])
     segs = C * pieces
     counts = table[:, 0].view(-1, 1, 1)
     means = table[:, 1:1 + segs].view(-1, segs // k, k)
@@ -278,7 +278,7 @@ class _SyncApply(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Reductions of the statistic each segment belongs to, over every rank.
             sums = torch.stack([gamma * sum_dy, gamma * sum_dy_xc]).double()
-            sums = funcol.all_reduce(sums, "sum", _group(ctx.process_group))
+            sums = _funcol().all_reduce(sums, "sum", _group(ctx.process_group))
             sums = sums.view(2, -1, ctx.k).sum(2, keepdim=True).expand(2, -1, ctx.k).reshape(2, C, P)
             sums = sums.to(center.dtype)
             k_x = -invstd ** 3 * sums[1] * red
@@ -312,7 +312,7 @@ def stoch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], runn
                process_group, impl) -> Tensor:
     """Training StochNorm with statistics over the group; the group's first rank's ``mask``
     is used on every rank. See ``reference.stoch_norm`` for the math."""
-    passes = _passes(impl, x)
+    passes = _passes(impl)
     acc = accumulate_dtype(x)
     moments = _global_moments(x, 1, 1, passes, process_group, "stoch_norm", extra=mask)
     mask = moments.extra.to(torch.bool)
@@ -333,7 +333,7 @@ def batch_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias:
                      eps: float, update_stats: bool, process_group, impl) -> Tensor:
     """Training BGN with group statistics over the group of processes. See
     ``reference.batch_group_norm``."""
-    passes = _passes(impl, x)
+    passes = _passes(impl)
     acc = accumulate_dtype(x)
     C = x.shape[1]
     pieces = 1 if C % num_groups == 0 else num_groups // C
@@ -358,7 +358,7 @@ def cross_iteration_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """Training CBN with the current statistics over the group (the compensated past ones
     are the same on every rank). Returns ``(y, mu_t, var_t)`` with the group's current
     statistics. See ``reference.cross_iteration_norm``."""
-    passes = _passes(impl, x)
+    passes = _passes(impl)
     acc = accumulate_dtype(x)
     moments = _global_moments(x, 1, 1, passes, process_group, "cross_iteration_batch_norm")
     mu_t, var_t = moments.mean.to(acc), moments.var.to(acc)
@@ -390,12 +390,12 @@ def _start_average(dmu: Tensor, dvar: Tensor, local: int, process_group) -> Tens
     collective returns at once, its result an AsyncCollectiveTensor that waits on first use."""
     flat = torch.cat([dmu.double().flatten() * local, dvar.double().flatten() * local,
                       dmu.new_full((1,), local, dtype=torch.float64)])
-    return funcol.all_reduce(flat, "sum", _group(process_group))
+    return _funcol().all_reduce(flat, "sum", _group(process_group))
 
 
 def _finish_average(flat: Tensor, dmu: Tensor, dvar: Tensor) -> Tuple[Tensor, Tensor]:
     """The averaged Jacobians, shaped and typed like this rank's ``dmu``, ``dvar``."""
-    if isinstance(flat, funcol.AsyncCollectiveTensor):  # eager; under compile the graph waits
+    if isinstance(flat, _funcol().AsyncCollectiveTensor):  # eager; under compile the graph waits
         flat = flat.wait()
     total = flat[-1]
     return ((flat[:dmu.numel()] / total).view(dmu.shape).to(dmu.dtype),
