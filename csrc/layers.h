@@ -136,6 +136,20 @@ BackwardResult stoch_norm_backward(const Tensor& grad_output, const Tensor& inpu
   return pass.finish(grad_output, weight);
 }
 
+// BGN and CBN forwards: training reads the per-segment batch statistics (seg_mean, seg_m2),
+// eval the (n,) running statistics (rm, rv), which must then be given.
+template <typename Device>
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_or_running_stats(
+    const common::SegmentInput& in, bool use_batch_stats, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, int64_t n, const Tensor& input, const char* op) {
+  if (use_batch_stats) {
+    auto [seg_mean, seg_m2] = Device::segment_stats(in);
+    return {seg_mean, seg_m2, Tensor(), Tensor()};
+  }
+  return {Tensor(), Tensor(), required_acc_vector(running_mean, n, input, op, "running_mean (no batch statistics)"),
+          required_acc_vector(running_var, n, input, op, "running_var (no batch statistics)")};
+}
+
 // ======================================================================== BGN
 // G | C: groups of C/G whole channels, per-channel segments (P = 1). G = P * C: each channel
 // cut into P pieces of its flattened positions, one group per (channel, piece) segment.
@@ -154,12 +168,8 @@ ForwardResult batch_group_norm_forward(const Tensor& input, int64_t num_groups, 
   const at::TensorOptions acc = acc_options(input);
   const Tensor w = acc_vector(weight, C, input, op, "weight"), b = acc_vector(bias, C, input, op, "bias");
   Tensor rm, rv, seg_mean, seg_m2;
-  if (use_batch_stats) {
-    std::tie(seg_mean, seg_m2) = Device::segment_stats(in);
-  } else {
-    rm = required_acc_vector(running_mean, G, input, op, "running_mean (no batch statistics)");
-    rv = required_acc_vector(running_var, G, input, op, "running_var (no batch statistics)");
-  }
+  std::tie(seg_mean, seg_m2, rm, rv) =
+      batch_or_running_stats<Device>(in, use_batch_stats, running_mean, running_var, G, input, op);
   Tensor batch_mean = new_output({use_batch_stats ? G : 0}, acc), batch_var = new_output({use_batch_stats ? G : 0}, acc);
   Tensor center = new_output({G}, acc), invstd = new_output({G}, acc);
   Tensor seg_center = at::empty({C, P}, acc), seg_scale = at::empty({C, P}, acc), seg_shift = at::empty({C, P}, acc);
@@ -249,12 +259,8 @@ ForwardResult cross_iteration_norm_forward(const Tensor& input, const std::optio
   const Tensor p_mean = past_mean.to(acc.dtype()).contiguous(), p_var = past_var.to(acc.dtype()).contiguous();
   const Tensor w = acc_vector(weight, C, input, op, "weight"), b = acc_vector(bias, C, input, op, "bias");
   Tensor rm, rv, seg_mean, seg_m2;
-  if (use_batch_stats) {
-    std::tie(seg_mean, seg_m2) = Device::segment_stats(in);
-  } else {
-    rm = required_acc_vector(running_mean, C, input, op, "running_mean (no batch statistics)");
-    rv = required_acc_vector(running_var, C, input, op, "running_var (no batch statistics)");
-  }
+  std::tie(seg_mean, seg_m2, rm, rv) =
+      batch_or_running_stats<Device>(in, use_batch_stats, running_mean, running_var, C, input, op);
   Tensor batch_mean = new_output({use_batch_stats ? C : 0}, acc), batch_var = new_output({use_batch_stats ? C : 0}, acc);
   Tensor center = new_output({C}, acc), invstd = new_output({C}, acc);
   Tensor scale = at::empty({C}, acc), shift = at::empty({C}, acc);
