@@ -99,7 +99,9 @@ def stoch_norm(
 
 
 def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, p, mask,
-                generator, backend, update_stats, sync=False, process_group=None):
+                generator, backend, update_stats, sync=False, process_group=None, on_mask=None):
+    """``on_mask``: called with the mask drawn here (after every check, so a call that raises
+    draws nothing and leaves the RNG alone), before anything is computed or updated."""
     layer = "stoch_norm"
     _checks.check_input(x, None, (2, 3, 4, 5), layer)
     C = x.shape[1]
@@ -122,6 +124,8 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             _checks.check_values_per_statistic(x.numel() // C, x, layer)
         if mask is None:
             mask = draw_mask(C, p, x.device, generator)
+            if on_mask is not None:
+                on_mask(mask)
     if syncing:
         return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, momentum,
                                       eps, update_stats, process_group, impl)

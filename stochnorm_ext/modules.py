@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .cbn_window import CBNWindow, ConvGeometry, compensated_past
-from .functional import _batch_group_norm, _cross_iteration, _stoch_norm, draw_mask
+from .functional import _batch_group_norm, _cross_iteration, _stoch_norm
 
 __all__ = [
     "StochNorm1d", "StochNorm2d", "StochNorm3d",
@@ -170,7 +170,9 @@ class _StochNorm(_NormBase):
     reproduces a run) picks the batch branch with probability ``p``. The running
     statistics are updated once per step from the batch statistics, whatever the mask.
     Eval is BatchNorm with the running statistics. ``p = 1`` is BatchNorm; ``p = 0``
-    normalises every channel with the (pre-update) running statistics.
+    normalises every channel with the (pre-update) running statistics. The mask is drawn
+    only after every argument is checked: like ``nn.BatchNorm*d`` (which draws nothing), a
+    call that raises leaves the RNG as it was.
 
     Args:
         num_features: C, the channel count.
@@ -217,12 +219,16 @@ class _StochNorm(_NormBase):
                                sync=self.sync, process_group=self.process_group)
         if not self.sync:  # with sync, the count over the whole group is checked
             _checks.check_values_per_statistic(input.numel() // input.shape[1], input, type(self).__name__)
-        mask = draw_mask(self.num_features, self.p, input.device)
-        if not torch.compiler.is_compiling():
+
+        def stash(mask):  # what a recomputation under activation checkpointing reuses
             self._stash_put((mask, self.running_mean.clone(), self.running_var.clone()))
+
+        # The functional form draws the mask once every argument is checked: a call that
+        # raises leaves the RNG as it was (like nn.BatchNorm, which draws nothing).
         y = _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                        self._momentum_factor(counted=True), self.eps, self.p, mask, None,
-                        self.backend, update_stats=True, sync=self.sync, process_group=self.process_group)
+                        self._momentum_factor(counted=True), self.eps, self.p, None, None,
+                        self.backend, update_stats=True, sync=self.sync, process_group=self.process_group,
+                        on_mask=None if torch.compiler.is_compiling() else stash)
         self._count_step()
         return y
 

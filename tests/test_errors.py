@@ -385,3 +385,16 @@ def test_empty_batch_functional_keeps_buffers():
     assert SF.cross_iteration_batch_norm(torch.randn(0, 4, 2, 2), running_mean=rm, running_var=rv,
                                          training=True).shape == (0, 4, 2, 2)
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+# ------------------------------------------------------------------- the RNG (SPEC: state untouched)
+@pytest.mark.parametrize("attr,value,match", [("eps", -1.0, "eps"), ("momentum", 2.0, "momentum")])
+def test_stochnorm_failed_call_leaves_the_rng_alone(attr, value, match):
+    # Like nn.BatchNorm*d, which draws nothing: a call that raises (here for a
+    # hyper-parameter made invalid after construction) must not advance the global RNG.
+    layer = _randomized(sx.StochNorm2d(6, p=0.5, backend=BACKEND))
+    setattr(layer, attr, value)
+    x = torch.randn(2, 6, 4, 4)
+    rng = torch.get_rng_state()
+    _raises_untouched(layer, ValueError, match, lambda: layer(x))
+    assert torch.equal(torch.get_rng_state(), rng)
