@@ -130,7 +130,8 @@ class _NormBase(nn.Module):
 
     def _count_step(self) -> None:
         """Count a training step; called after the step succeeded, so a call that raised
-        leaves num_batches_tracked as it was."""
+        leaves num_batches_tracked as it was. Like ``nn.BatchNorm*d``, an empty batch
+        (``N == 0``) is counted although it leaves the running statistics alone."""
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
 
@@ -209,9 +210,12 @@ class _StochNorm(_NormBase):
         self._check_input(input)
         # A synchronised step runs on every rank, an empty local batch included.
         if not self.training or (input.shape[0] == 0 and not self.sync):
-            return _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                               self.training, 0.0 if self.momentum is None else self.momentum,
-                               self.eps, self.p, None, None, self.backend, update_stats=False)
+            y = _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                            self.training, 0.0 if self.momentum is None else self.momentum,
+                            self.eps, self.p, None, None, self.backend, update_stats=False)
+            if self.training and not _in_backward_recompute():
+                self._count_step()  # an empty batch is a step, as nn.BatchNorm counts it
+            return y
         if _in_backward_recompute():
             mask, moving_mean, moving_var = self._stash_take()
             return _stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
@@ -300,7 +304,7 @@ class _BatchGroupNorm(_NormBase):
                               self.weight, self.bias, self.training, self._momentum_factor(update),
                               self.eps, self.backend, update_stats=update, sync=self.sync,
                               process_group=self.process_group)
-        if update:
+        if self.training and not recompute:  # an empty batch counts, as in nn.BatchNorm
             self._count_step()
         return y
 
@@ -498,7 +502,7 @@ class CrossIterationBatchNorm2d(_NormBase):
                              self._momentum_factor(update), self.eps, self.rho, self.burnin,
                              self.backend, past, update_state=update, sync=self.sync,
                              process_group=self.process_group, deferred=self._deferred)
-        if update:
+        if self.training and not recompute:  # an empty batch counts, as in nn.BatchNorm
             self._count_step()
         return y
 

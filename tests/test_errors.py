@@ -373,7 +373,26 @@ def test_empty_batch(name, training):
     assert y.shape == x.shape and y.dtype == x.dtype
     y.sum().backward()
     assert x.grad.shape == x.shape
+    if training:  # counted as a step, as nn.BatchNorm*d counts it; nothing else changes
+        before["num_batches_tracked"] += 1
     _assert_untouched(layer, before)
+
+
+@pytest.mark.parametrize("kind", ["stochnorm", "bgn", "cbn"])
+def test_empty_batch_counts_like_batchnorm(kind):
+    # momentum=None averages over num_batches_tracked, which nn.BatchNorm2d advances for an
+    # empty batch too: batch, empty batch, batch must give BatchNorm's running statistics.
+    bn = nn.BatchNorm2d(6, momentum=None)
+    ours = {"stochnorm": lambda: sx.StochNorm2d(6, momentum=None, p=1.0, backend=BACKEND),
+            "bgn": lambda: sx.BatchGroupNorm2d(6, 6, momentum=None, backend=BACKEND),
+            "cbn": lambda: sx.CrossIterationBatchNorm2d(6, window=1, momentum=None, backend=BACKEND)}[kind]()
+    for n in (3, 0, 5):
+        x = torch.randn(n, 6, 4, 4)
+        bn(x)
+        ours(x)
+    assert int(ours.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    torch.testing.assert_close(ours.running_mean, bn.running_mean)
+    torch.testing.assert_close(ours.running_var, bn.running_var)
 
 
 def test_empty_batch_functional_keeps_buffers():
