@@ -211,6 +211,9 @@ def cross_iteration_batch_norm(
 
     ``sync=True``: the current statistics over the processes of ``process_group`` in
     training, and the stored Jacobians averaged over them (every rank stores the same entry).
+
+    The window's tensors must be on the input's device (a ``RuntimeError`` names the field
+    otherwise); its statistics may be float32 or float64 whatever the input's dtype.
     """
     geometry = ConvGeometry(_pair(stride, "stride"), _pair(padding, "padding"),
                             _pair(dilation, "dilation"), groups)
@@ -218,6 +221,26 @@ def cross_iteration_batch_norm(
                             running_mean, running_var, training, momentum, eps, rho, burnin,
                             backend, past=None, update_state=True, sync=sync,
                             process_group=process_group)
+
+
+def _check_window(layer, x, window: CBNWindow) -> None:
+    """Every tensor of the window is on the input's device, with the dtype its field needs
+    (checked before anything changes: a window elsewhere must not get half an update)."""
+    for field, t in zip(CBNWindow._fields, window):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{layer}: window.{field} must be a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise RuntimeError(f"{layer}: the window (window.{field}) is on {t.device} but the input "
+                               f"is on {x.device}; create it on the input's device (CBNWindow.empty(..., "
+                               "device=...)) or move it")
+        if field == "valid":
+            ok, want = t.dtype == torch.bool, "torch.bool"
+        elif field in ("head", "step"):
+            ok, want = t.dtype == torch.long, "torch.int64"
+        else:
+            ok, want = t.dtype in _checks.FLOAT_DTYPES, "a floating dtype"
+        if not ok:
+            raise TypeError(f"{layer}: window.{field} must be {want}, got {t.dtype}")
 
 
 def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, window: CBNWindow):
@@ -266,6 +289,8 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
     _checks.check_hyper("burnin", burnin, low=0, integer=True)
     if window is not None and not isinstance(window, CBNWindow):
         raise TypeError(f"{layer}: window must be a CBNWindow or None, got {type(window).__name__}")
+    if window is not None:
+        _check_window(layer, x, window)
     use_window = training and window is not None and window.slots > 0
     if use_window:
         _check_conv(layer, x, conv_input, conv_weight, geometry, window)
