@@ -338,7 +338,9 @@ class _CaptureConvInput:
 
     def __call__(self, conv, args, output):
         if self.cbn.training and self.cbn.window > 1:
-            self.cbn._captured = (args[0], tuple(output.shape))
+            # The output itself (not its shape): the layer checks that it receives this very
+            # tensor, so cbn(relu(conv(x))) cannot pass for the conv's output.
+            self.cbn._captured = (args[0], output)
 
 
 class CrossIterationBatchNorm2d(_NormBase):
@@ -354,7 +356,8 @@ class CrossIterationBatchNorm2d(_NormBase):
 
     The layer needs the input and weight of its conv: ``bind(conv)`` attaches the
     producing ``nn.Conv2d`` (any stride, padding, dilation, groups, padding mode) through a
-    forward hook and creates the window buffers, so ``load_state_dict`` of a CBN checkpoint
+    forward hook (in training the layer must receive the conv's output tensor itself:
+    ``cbn(relu(conv(x)))`` raises) and creates the window buffers, so ``load_state_dict`` of a CBN checkpoint
     works right after binding and resumes exactly. A plain BatchNorm state dict loads too
     (empty window). :class:`Conv2dCBN` bundles a conv and a CBN without hooks, and
     ``stochnorm_ext.convert_model(model, "cbn")`` binds every conv -> BN pair of a model.
@@ -476,11 +479,12 @@ class CrossIterationBatchNorm2d(_NormBase):
             # A recomputation (activation checkpointing) reuses the stashed window and
             # stores nothing, so it needs no conv input: the conv may have run outside.
             if conv_input is None and not recompute:
-                if captured is None or captured[1] != tuple(input.shape):
+                if captured is None or captured[1] is not input:
                     raise RuntimeError(
                         f"{name}: the bound conv did not produce this input in this forward "
-                        f"(expected its output of shape {tuple(input.shape)}); the layer must "
-                        "directly follow the conv it is bound to")
+                        f"(expected the conv's output itself, of shape {tuple(input.shape)}, not a "
+                        "tensor computed from it or another one); the layer must directly follow "
+                        "the conv it is bound to")
                 conv_input = captured[0]
         # A synchronised step runs on every rank, an empty local batch included.
         nonempty = input.shape[0] > 0 or self.sync

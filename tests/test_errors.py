@@ -167,6 +167,18 @@ def test_cbn_input_not_from_bound_conv():
     _raises_untouched(cbn, RuntimeError, "did not produce", lambda: cbn(torch.randn(2, 6, 4, 4)))
 
 
+def test_cbn_input_computed_from_the_bound_conv_output():
+    # Same shape, but not the conv's output: the stored Jacobians would belong to another
+    # activation, so the layer must refuse it (identity of the captured output, not shape).
+    conv, cbn = _bound_cbn()
+    x = torch.randn(2, 3, 4, 4)
+    _raises_untouched(cbn, RuntimeError, "must directly follow the conv",
+                      lambda: cbn(torch.relu(conv(x))))
+    _raises_untouched(cbn, RuntimeError, "must directly follow the conv",
+                      lambda: cbn(conv(x).clone()))
+    cbn(conv(x))  # the conv's own output still works
+
+
 # ------------------------------------------------------------------- hyper-parameters (construction)
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), float("inf")])
 def test_p_outside_unit_interval(p):
