@@ -131,34 +131,41 @@ def _out_features(module: nn.Module) -> Optional[int]:
 
 
 def _feeding_modules(model: nn.Module, types) -> Dict[str, str]:
-    """BN name -> name of the module of one of ``types`` that feeds it directly."""
+    """BN name -> name of the module of one of ``types`` that feeds it directly. A BN used
+    at several places (one module, shared) is paired only if one module feeds every use."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:  # untraceable model (data-dependent control flow, ...)
         return _pairs_by_order(model, types)
     modules = dict(model.named_modules())
-    pairs = {}
+    feeds: Dict[str, set] = {}  # BN name -> what feeds each of its uses (None: no such module)
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
             continue
         src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), types) and len(src.users) == 1
-                and _out_features(modules[src.target]) == modules[node.target].num_features):
-            pairs[node.target] = src.target
-    return pairs
+        fed = (isinstance(src, torch.fx.Node) and src.op == "call_module"
+               and isinstance(modules.get(src.target), types) and len(src.users) == 1
+               and _out_features(modules[src.target]) == modules[node.target].num_features)
+        feeds.setdefault(node.target, set()).add(src.target if fed else None)
+    return _single_feeders(feeds)
+
+
+def _single_feeders(feeds: Dict[str, set]) -> Dict[str, str]:
+    return {bn: next(iter(srcs)) for bn, srcs in feeds.items() if len(srcs) == 1 and None not in srcs}
 
 
 def _pairs_by_order(model: nn.Module, types=(nn.Conv2d,)) -> Dict[str, str]:
-    pairs, prev = {}, None
-    for name, module in model.named_modules():
-        if isinstance(module, _BN_TYPES) and prev is not None:
-            pname, pmod = prev
-            if isinstance(pmod, types) and _out_features(pmod) == module.num_features:
-                pairs[name] = pname
+    first_name = {id(m): n for n, m in reversed(list(model.named_modules()))}
+    feeds: Dict[str, set] = {}
+    prev = None
+    for name, module in model.named_modules(remove_duplicate=False):  # every use of a shared BN
+        if isinstance(module, _BN_TYPES):
+            pmod = prev
+            fed = isinstance(pmod, types) and _out_features(pmod) == module.num_features
+            feeds.setdefault(first_name[id(module)], set()).add(first_name[id(pmod)] if fed else None)
         if not list(module.children()):
-            prev = (name, module)
-    return pairs
+            prev = module
+    return _single_feeders(feeds)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -181,7 +188,12 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
       * ``"cbn"`` -> ``CrossIterationBatchNorm2d`` bound to the ``nn.Conv2d`` that feeds each
         BN (found with ``torch.fx``, or by module order where tracing fails); options
         ``window``, ``burnin``, ``rho``, ``eps``, ``momentum``, ``backend``. A BatchNorm that
-        no conv feeds directly is left as it is, with a warning.
+        no conv feeds directly is left as it is, with a warning; so is a shared BatchNorm
+        (one module used at several places) unless one and the same conv feeds every use
+        (a CBN binds to a single conv).
+
+    A BatchNorm used at several places (one module, shared) becomes one new module at all
+    of them: the sharing is kept.
 
     Every kind also takes ``sync`` and ``process_group``: ``sync=True`` makes the new layers
     take their training statistics over the processes of ``process_group`` (None: the
@@ -209,6 +221,11 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
     sources = (_feeding_modules(model, _DIM_SOURCES)
                if any(isinstance(m, nn.SyncBatchNorm) for _, m in bns) else pairs)
     modules = dict(model.named_modules())
+    # Every place a BN sits (a shared BN has several); named_modules() names it by the first.
+    places: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, _BN_TYPES):
+            places.setdefault(id(m), []).append(n)
     skipped = []
     for name, bn in bns:
         conv = modules.get(pairs.get(name)) if name in pairs else None
@@ -219,8 +236,10 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
         new = _make(kind, bn, source, name, options)
         if kind == "cbn":
             new.bind(conv)
-        _set_submodule(model, name, new)
+        for place in places[id(bn)]:  # a shared BN stays shared: one new module everywhere
+            _set_submodule(model, place, new)
     if skipped:
-        warnings.warn(f"convert_model(kind='cbn'): no nn.Conv2d feeds {skipped} directly; "
-                      "left as BatchNorm", stacklevel=2)
+        warnings.warn(f"convert_model(kind='cbn'): no nn.Conv2d feeds {skipped} directly (for a BatchNorm "
+                      "used at several places: no single conv feeds every use); left as BatchNorm",
+                      stacklevel=2)
     return model

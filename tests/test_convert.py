@@ -326,3 +326,45 @@ def test_convert_model_bad_arguments():
     with pytest.raises(ValueError, match="running statistics"):
         sx.convert_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)),
                          "stochnorm")
+
+
+class _Untraceable(nn.Sequential):
+    """The same layers, but torch.fx cannot trace it: convert_model pairs by module order."""
+
+    def forward(self, x):
+        if x.sum() > float("inf"):  # data-dependent control flow
+            return x
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+@pytest.mark.parametrize("kind,options,cls", [
+    ("stochnorm", dict(p=0.5), sx.StochNorm2d), ("bgn", dict(num_groups=2), sx.BatchGroupNorm2d),
+    ("cbn", dict(window=3), sx.CrossIterationBatchNorm2d)])
+def test_shared_batchnorm_converted_at_every_use(kind, options, cls, traceable):
+    # One BN used twice: one new module at both places (the sharing is kept), never half.
+    seq = nn.Sequential if traceable else _Untraceable
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+    model = seq(nn.Conv2d(3, 4, 1), nn.ReLU(), conv, bn, nn.ReLU(), conv, bn)  # one conv feeds both uses
+    _randomize_bns(model)
+    sx.convert_model(model, kind, **options)
+    assert type(model[3]) is cls and model[6] is model[3]
+    if kind == "cbn":
+        assert model[3].bound_conv is conv
+    for _ in range(2):
+        model(torch.randn(2, 3, 4, 4)).sum().backward()
+    assert int(model[3].num_batches_tracked) == 17 + 4  # randomized to 17; two uses per forward
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_shared_batchnorm_fed_by_two_convs(traceable):
+    seq = nn.Sequential if traceable else _Untraceable
+    bn = nn.BatchNorm2d(4)
+    make = lambda: seq(nn.Conv2d(3, 4, 1), bn, nn.ReLU(), nn.Conv2d(4, 4, 1), bn)  # noqa: E731
+    model = sx.convert_model(make(), "stochnorm")
+    assert type(model[1]) is sx.StochNorm2d and model[4] is model[1]
+    # CBN binds to one conv: a BN shared by two convs stays a BatchNorm, at both places.
+    model = make()
+    with pytest.warns(UserWarning, match=r"\['1'\].*no single conv feeds every use.*left as BatchNorm"):
+        sx.convert_model(model, "cbn")
+    assert model[1] is bn and model[4] is bn
