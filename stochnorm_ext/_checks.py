@@ -29,6 +29,16 @@ def check_hyper(name: str, value, *, low=None, high=None, integer=False, low_ope
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
 
 
+def check_eps(eps, training: bool = True) -> None:
+    """``eps`` as ``F.batch_norm`` takes it: positive in training (a zero-variance channel
+    would divide by zero), non-negative in eval."""
+    check_hyper("eps", eps)
+    if training and eps <= 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be non-negative, got {eps!r}")
+
+
 def check_momentum(momentum) -> None:
     if momentum is not None:
         check_hyper("momentum", momentum, low=0.0, high=1.0)

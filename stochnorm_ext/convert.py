@@ -83,7 +83,9 @@ def _make(kind: str, bn: nn.Module, conv: Optional[nn.Module], name: str, option
     eps = get("eps", bn.eps)
     momentum = get("momentum", bn.momentum)
     backend = options.get("backend")
-    common = dict(backend=backend, sync=get("sync", False), process_group=get("process_group", None))
+    # A BatchNorm(bias=False) stays without a shift: the converted model gains no parameter.
+    common = dict(backend=backend, sync=get("sync", False), process_group=get("process_group", None),
+                  bias=not bn.affine or bn.bias is not None)
     if kind == "stochnorm":
         if not bn.track_running_stats:
             raise ValueError(f"convert_model: {name!r} has no running statistics, which StochNorm needs")

@@ -119,7 +119,10 @@ def _batchnorm(layer: nn.Module, mean: Optional[Tensor], var: Optional[Tensor]) 
                                         affine=layer.affine, track_running_stats=mean is not None)
     if layer.affine:
         bn.weight = nn.Parameter(_copy(layer.weight), requires_grad=layer.weight.requires_grad)
-        bn.bias = nn.Parameter(_copy(layer.bias), requires_grad=layer.bias.requires_grad)
+        # A layer without a shift (bias=False) gives a BatchNorm without one (a None bias is
+        # what nn.BatchNorm*d(bias=False) holds, and what older torch versions also accept).
+        bn.bias = (None if layer.bias is None
+                   else nn.Parameter(_copy(layer.bias), requires_grad=layer.bias.requires_grad))
     if mean is not None:
         bn.running_mean = _copy(mean)
         bn.running_var = _copy(var)
@@ -136,7 +139,7 @@ def _piecewise(layer: nn.Module) -> PiecewiseAffine:
     mean = layer.running_mean.double().view(C, m)
     invstd = torch.rsqrt(layer.running_var.double().view(C, m) + layer.eps)
     weight = layer.weight.double()[:, None] if layer.affine else torch.ones_like(mean[:, :1])
-    bias = layer.bias.double()[:, None] if layer.affine else torch.zeros_like(mean[:, :1])
+    bias = layer.bias.double()[:, None] if layer.bias is not None else torch.zeros_like(mean[:, :1])
     new = PiecewiseAffine(mean.to(dtype), (weight * invstd).to(dtype), bias.expand(C, m).to(dtype))
     new.train(layer.training)
     return new

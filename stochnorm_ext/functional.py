@@ -31,7 +31,8 @@ __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_batch_norm", "draw
 _IntPair = Union[int, Tuple[int, int]]
 
 
-def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shape, momentum, eps):
+def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shape, momentum, eps,
+                   training):
     C = x.shape[1]
     _checks.check_param(weight, "weight", (C,), x, layer)
     _checks.check_param(bias, "bias", (C,), x, layer)
@@ -40,7 +41,7 @@ def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shap
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{layer}: running_mean and running_var must both be given or both be None")
     _checks.check_hyper("momentum", momentum, low=0.0, high=1.0)
-    _checks.check_hyper("eps", eps, low=0.0)
+    _checks.check_eps(eps, training)
 
 
 def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -107,7 +108,7 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     C = x.shape[1]
     if running_mean is None or running_var is None:
         raise ValueError(f"{layer}: StochNorm needs running statistics (running_mean and running_var)")
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training)
     _checks.check_hyper("p", p, low=0.0, high=1.0)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (C,):
@@ -161,7 +162,7 @@ def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, tr
     layer = "batch_group_norm"
     _checks.check_input(x, None, (2, 3, 4, 5), layer)
     _checks.check_hyper("num_groups", num_groups, low=1, integer=True)
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps, training)
     _checks.check_groups_fit(num_groups, x, layer)
     impl = resolve(backend, x.device)
     syncing = _syncing(sync, process_group, training, layer)
@@ -284,7 +285,7 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
     layer = "cross_iteration_batch_norm"
     _checks.check_input(x, None, (4,), layer)
     C = x.shape[1]
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training)
     _checks.check_hyper("rho", rho)
     _checks.check_hyper("burnin", burnin, low=0, integer=True)
     if window is not None and not isinstance(window, CBNWindow):

@@ -15,6 +15,12 @@ next training forward (the usual loop). A second recomputation of the same forwa
 a recomputation of an *older* forward (two checkpointed forwards, then the first one's
 backward) cannot be told apart and would use the newer forward's mask/window.
 
+Constructors take what ``nn.BatchNorm*d``'s take: ``num_features, eps, momentum, affine,
+track_running_stats`` positionally and ``device``, ``dtype`` and ``bias`` as keywords
+(``bias=False`` with ``affine=True``: a scale without a shift). ``eps`` must be positive
+(``nn.BatchNorm*d`` raises the same ``ValueError`` at its first training forward; ours at
+construction).
+
 Every layer takes ``sync=False, process_group=None``: with ``sync=True`` the training
 statistics are taken over all processes of ``process_group`` (None: the default group),
 like ``nn.SyncBatchNorm`` (see ``stochnorm_ext.distributed``; ``convert_sync`` turns it on
@@ -54,10 +60,10 @@ class _NormBase(nn.Module):
 
     def __init__(self, num_features: int, stats_size: int, eps: float, momentum: Optional[float],
                  affine: bool, track_running_stats: bool, backend: Optional[str],
-                 sync: bool = False, process_group=None):
+                 sync: bool = False, process_group=None, device=None, dtype=None, bias: bool = True):
         super().__init__()
         _checks.check_hyper("num_features", num_features, low=1, integer=True)
-        _checks.check_hyper("eps", eps, low=0.0)
+        _checks.check_eps(eps)
         _checks.check_momentum(momentum)
         if backend is not None:
             from ._backend import BACKEND_NAMES
@@ -73,16 +79,17 @@ class _NormBase(nn.Module):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         self.sync = sync
         self.process_group = process_group
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features))
-            self.bias = nn.Parameter(torch.empty(num_features))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        factory = dict(device=device, dtype=dtype)
+        self.register_parameter("weight", nn.Parameter(torch.empty(num_features, **factory)) if affine else None)
+        # bias=False (with affine=True): a scale without shift, as nn.BatchNorm*d(bias=False).
+        self.register_parameter("bias", nn.Parameter(torch.empty(num_features, **factory))
+                                if affine and bias else None)
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(stats_size))
-            self.register_buffer("running_var", torch.ones(stats_size))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            self.register_buffer("running_mean", torch.zeros(stats_size, **factory))
+            self.register_buffer("running_var", torch.ones(stats_size, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
@@ -101,11 +108,14 @@ class _NormBase(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        no_bias = self.affine and self.bias is None
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}" + (", sync=True" if self.sync else ""))
+                + ("bias=False, " if no_bias else "")
+                + f"track_running_stats={self.track_running_stats}" + (", sync=True" if self.sync else ""))
 
     def _check_input(self, x) -> None:
         name = type(self).__name__
@@ -195,12 +205,13 @@ class _StochNorm(_NormBase):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, p: float = 0.5,
-                 backend: Optional[str] = None, sync: bool = False, process_group=None):
+                 backend: Optional[str] = None, sync: bool = False, process_group=None, *,
+                 device=None, dtype=None, bias: bool = True):
         _checks.check_hyper("p", p, low=0.0, high=1.0)
         if not track_running_stats:
             raise ValueError("StochNorm needs running statistics: track_running_stats must be True")
         super().__init__(num_features, num_features, eps, momentum, affine, track_running_stats, backend,
-                         sync, process_group)
+                         sync, process_group, device, dtype, bias)
         self.p = float(p)
 
     def extra_repr(self) -> str:
@@ -283,11 +294,11 @@ class _BatchGroupNorm(_NormBase):
     def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, backend: Optional[str] = None,
-                 sync: bool = False, process_group=None):
+                 sync: bool = False, process_group=None, *, device=None, dtype=None, bias: bool = True):
         _checks.check_hyper("num_features", num_features, low=1, integer=True)
         _checks.check_num_groups(num_groups, num_features)
         super().__init__(num_features, num_groups, eps, momentum, affine, track_running_stats, backend,
-                         sync, process_group)
+                         sync, process_group, device, dtype, bias)
         self.num_groups = num_groups
 
     def extra_repr(self) -> str:
@@ -382,16 +393,16 @@ class CrossIterationBatchNorm2d(_NormBase):
     def __init__(self, num_features: int, window: int = 4, burnin: int = 0, rho: float = 1.0,
                  eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, backend: Optional[str] = None,
-                 sync: bool = False, process_group=None):
+                 sync: bool = False, process_group=None, *, device=None, dtype=None, bias: bool = True):
         _checks.check_hyper("window", window, low=1, integer=True)
         _checks.check_hyper("burnin", burnin, low=0, integer=True)
         _checks.check_hyper("rho", rho)
         super().__init__(num_features, num_features, eps, momentum, affine, track_running_stats, backend,
-                         sync, process_group)
+                         sync, process_group, device, dtype, bias)
         self.window = window
         self.burnin = burnin
         self.rho = float(rho)
-        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long, device=device))
         self.__dict__["_conv"] = None
         self._geometry = None
         self._hook = None
@@ -560,11 +571,11 @@ class Conv2dCBN(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
-                 **cbn_kwargs):
+                 device=None, dtype=None, **cbn_kwargs):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
-                              groups, bias, padding_mode)
-        self.norm = CrossIterationBatchNorm2d(out_channels, **cbn_kwargs)
+                              groups, bias, padding_mode, device=device, dtype=dtype)
+        self.norm = CrossIterationBatchNorm2d(out_channels, device=device, dtype=dtype, **cbn_kwargs)
         self.norm.bind(self.conv, capture_input=False)  # forward passes the input explicitly
 
     def forward(self, x: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ def _randomize_bns(model):
             if isinstance(m, BN_TYPES):
                 if m.weight is not None:
                     m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
                     m.bias.normal_(0, 0.2)
                 if m.running_mean is not None:
                     m.running_mean.normal_(0, 0.3)
@@ -368,3 +369,23 @@ def test_shared_batchnorm_fed_by_two_convs(traceable):
     with pytest.warns(UserWarning, match=r"\['1'\].*no single conv feeds every use.*left as BatchNorm"):
         sx.convert_model(model, "cbn")
     assert model[1] is bn and model[4] is bn
+
+
+@pytest.mark.parametrize("kind,options", [("stochnorm", {}), ("bgn", dict(num_groups=2)), ("cbn", dict(window=2))])
+def test_batchnorm_without_bias_gains_no_parameter(kind, options):
+    # nn.BatchNorm2d(C, bias=False) has a scale and no shift: the converted model (and its
+    # deployed form) must not gain a trainable zero bias.
+    model = _randomize_bns(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, bias=False)))
+    names = [n for n, _ in model.named_parameters()]
+    x = torch.randn(2, 3, 4, 4)
+    want = model.eval()(x)
+    sx.convert_model(model, kind, **options)
+    assert [n for n, _ in model.named_parameters()] == names and model[1].bias is None
+    assert "bias=False" in repr(model[1])
+    if kind != "bgn":  # BGN pools its groups' statistics: another eval map
+        torch.testing.assert_close(model(x), want)
+    deployed = sx.to_batchnorm(model)
+    assert [n for n, _ in deployed.named_parameters()] == names and deployed[1].bias is None
+    torch.testing.assert_close(deployed(x), model(x))
+    model.train()(x).sum().backward()
+    assert model[1].weight.grad is not None

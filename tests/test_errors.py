@@ -244,7 +244,8 @@ def test_burnin_below_zero():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(momentum=1.5), "momentum must be <= 1"), (dict(momentum=-0.1), "momentum must be >= 0"),
-    (dict(eps=-1e-5), "eps must be >= 0"), (dict(num_features=0), "num_features must be >= 1"),
+    (dict(eps=-1e-5), "eps must be positive"), (dict(eps=0.0), "eps must be positive"),
+    (dict(num_features=0), "num_features must be >= 1"),
 ])
 def test_other_hyper_parameters(kw, match):
     kw = dict(kw)
@@ -381,12 +382,13 @@ def test_empty_batch(name, training):
     layer.train(training)
     conv = layer.bound_conv if isinstance(layer, sx.CrossIterationBatchNorm2d) else None
     before = _snapshot(layer)
-    # (CBN: running the bound conv hands its input to the layer)
-    x = (conv(torch.randn(0, 3, 4, 4)).detach() if conv is not None else torch.randn(shape)).requires_grad_()
+    # (CBN: running the bound conv hands its input to the layer, which must get the conv's output)
+    leaf = torch.randn((0, 3, 4, 4) if conv is not None else shape, requires_grad=True)
+    x = conv(leaf) if conv is not None else leaf
     y = layer(x)
     assert y.shape == x.shape and y.dtype == x.dtype
     y.sum().backward()
-    assert x.grad.shape == x.shape
+    assert leaf.grad.shape == leaf.shape
     if training:  # counted as a step, as nn.BatchNorm*d counts it; nothing else changes
         before["num_batches_tracked"] += 1
     _assert_untouched(layer, before)
@@ -455,3 +457,21 @@ def test_functional_cbn_window_checked_with_the_other_arguments(backend, field, 
                                       training=True, padding=1, backend=backend)
     for a, b in zip(list(win) + [rm, rv], before):
         assert a.device == b.device and (a.device.type == "meta" or torch.equal(a, b))
+
+
+def test_functional_eps_like_f_batch_norm():
+    # F.batch_norm: eps must be positive in training, non-negative in eval.
+    x, rm, rv = torch.randn(4, 6, 3), torch.randn(6), torch.rand(6) + 0.5
+    calls = [lambda eps, training: SF.stoch_norm(x, rm, rv, training=training, eps=eps, backend=BACKEND),
+             lambda eps, training: SF.batch_group_norm(x, 3, rm[:3], rv[:3], training=training, eps=eps,
+                                                       backend=BACKEND),
+             lambda eps, training: SF.cross_iteration_batch_norm(x[..., None], running_mean=rm, running_var=rv,
+                                                                 training=training, eps=eps, backend=BACKEND)]
+    for call in calls:
+        rm0 = rm.clone()
+        with pytest.raises(ValueError, match="eps must be positive, got 0"):
+            call(0.0, True)
+        with pytest.raises(ValueError, match="eps must be non-negative"):
+            call(-1.0, False)
+        assert torch.equal(rm, rm0)
+        call(0.0, False)  # eval with eps = 0, as F.batch_norm allows
