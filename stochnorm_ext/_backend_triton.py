@@ -475,39 +475,68 @@ def _constant_stats(running_mean: Tensor, running_var: Tensor, x: Tensor):
     return running_mean.detach().to(acc), running_var.detach().to(acc), None
 
 
+def _untouched_on_failure(running_mean: Optional[Tensor], running_var: Optional[Tensor], step):
+    """Run ``step`` (a training step whose statistics op updates the running statistics in
+    its finalize kernel, before the apply op runs) so that a failure after the update (the
+    apply op, an allocation) leaves the running statistics as they were. Eager only: a
+    compiled graph has no partial state to undo (and the copies would cost a graph pass)."""
+    if running_mean is None or torch.compiler.is_compiling():
+        return step()
+    saved = running_mean.clone(), running_var.clone()
+    try:
+        return step()
+    except BaseException:
+        with torch.no_grad():
+            running_mean.copy_(saved[0])
+            running_var.copy_(saved[1])
+        raise
+
+
 def stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum, eps,
                update_stats=True):
     x = dense_layout(x)[0]  # once here, not in every op (differentiable copy if strided)
-    if training:
+    if not training:
+        stats = _constant_stats(running_mean, running_var, x)
+        return torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, *stats, x.shape[1], float(eps))
+
+    def step():
         stats = torch.ops.stochnorm_ext.triton_stoch_norm_stats(
             x.detach(), running_mean, running_var, mask, float(momentum), bool(update_stats))
-    else:
-        stats = _constant_stats(running_mean, running_var, x)
-    return torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, *stats, x.shape[1], float(eps))
+        return torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, *stats, x.shape[1], float(eps))
+
+    return _untouched_on_failure(running_mean if update_stats else None, running_var, step)
 
 
 def batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training, momentum,
                      eps, update_stats=True):
     x = dense_layout(x)[0]
-    if training or running_mean is None:
-        stats = torch.ops.stochnorm_ext.triton_batch_group_stats(
-            x.detach(), int(num_groups), running_mean, running_var, float(momentum),
-            bool(training and update_stats))
-    else:
-        stats = _constant_stats(running_mean, running_var, x)
-    return torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, *stats, int(num_groups), float(eps))
+
+    def step():
+        if training or running_mean is None:
+            stats = torch.ops.stochnorm_ext.triton_batch_group_stats(
+                x.detach(), int(num_groups), running_mean, running_var, float(momentum),
+                bool(training and update_stats))
+        else:
+            stats = _constant_stats(running_mean, running_var, x)
+        return torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, *stats, int(num_groups), float(eps))
+
+    return _untouched_on_failure(running_mean if training and update_stats else None, running_var, step)
 
 
 def cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, past_var,
                          past_keep, training, momentum, eps, update_stats=True):
     x = dense_layout(x)[0]
-    if not training and running_mean is not None:
-        center, var, red_weight = _constant_stats(running_mean, running_var, x)
-        mu_t, var_t = center, var
-    else:
-        mu_t, var_t, center, var, red_weight = torch.ops.stochnorm_ext.triton_cross_iteration_stats(
-            x.detach(), running_mean, running_var, past_mean, past_var, past_keep, float(momentum),
-            bool(training and update_stats))
-    y = torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, center, var, red_weight,
-                                                  x.shape[1], float(eps))
-    return y, mu_t.detach(), var_t.detach()
+
+    def step():
+        if not training and running_mean is not None:
+            center, var, red_weight = _constant_stats(running_mean, running_var, x)
+            mu_t, var_t = center, var
+        else:
+            mu_t, var_t, center, var, red_weight = torch.ops.stochnorm_ext.triton_cross_iteration_stats(
+                x.detach(), running_mean, running_var, past_mean, past_var, past_keep, float(momentum),
+                bool(training and update_stats))
+        y = torch.ops.stochnorm_ext.triton_norm_apply(x, weight, bias, center, var, red_weight,
+                                                      x.shape[1], float(eps))
+        return y, mu_t.detach(), var_t.detach()
+
+    return _untouched_on_failure(running_mean if training and update_stats else None, running_var, step)
