@@ -9,6 +9,10 @@ run, be folded and be exported without ``stochnorm_ext``:
 2. :func:`fold_into_conv` folds each BatchNorm that directly follows a conv into the
    conv's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``);
 3. the result exports with ``torch.export`` / ``torch.onnx.export`` as standard ops only.
+
+Unconverted models export to ONNX as well: inside ``torch.onnx.export`` the layers compute
+with the reference backend's plain PyTorch ops (``functional._backend_for``), since the
+kernels' custom ops have no ONNX translation.
 """
 from __future__ import annotations
 

@@ -11,12 +11,18 @@ Outputs keep the input's dtype and memory format; statistics accumulate in float
 (float64 for float64 input); parameters and running buffers may be float32 while the
 input is float16/bfloat16 (autocast).
 
+Inside ``torch.func`` transforms (grad, vjp, jacrev, vmap, ...) every backend computes with
+the reference's plain PyTorch ops, which the transforms support; under vmap, training that
+would update unbatched running statistics from a batched input raises, as for
+``F.batch_norm``.
+
 ``sync=True`` takes the training statistics over every process of ``process_group``
 (None: the default ``torch.distributed`` group), see ``stochnorm_ext.distributed``; it
 needs an initialised process group in training and is ignored in eval.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple, Union
 
 import torch
@@ -58,6 +64,45 @@ def _syncing(sync: bool, process_group, training: bool, layer: str) -> bool:
     if sync and training:
         distributed.check_ready(process_group, layer)
     return sync and training
+
+
+def _batched(t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is batched by a ``torch.func.vmap`` at some level."""
+    functorch = torch._C._functorch
+    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _onnx_exporting() -> bool:
+    """Inside ``torch.onnx.export`` (which traces with torch.export first)."""
+    if not torch.compiler.is_exporting():
+        return False
+    onnx = sys.modules.get("torch.onnx")  # never imported here: not exporting to ONNX
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def _backend_for(backend, x: Tensor, running_mean, running_var, updates_running: bool, layer: str):
+    """The backend module to run on. Inside ``torch.func`` transforms (grad, vjp, jacrev,
+    vmap, ...) and ``torch.onnx.export`` that is the reference: the kernels' custom ops have
+    no functorch rules and no ONNX translation, plain PyTorch ops have both (the reference
+    is what every backend is tested against; in eval it is BatchNorm's per-channel affine
+    map, BGN's per-group one). Like ``nn.BatchNorm*d``, vmap refuses to update unbatched
+    running statistics from a batched input (raised here, before anything changes)."""
+    impl = resolve(backend, x.device)  # an unknown or unavailable name still raises
+    if _onnx_exporting():
+        return resolve("reference", x.device)
+    if torch._C._functorch.maybe_current_level() is None:
+        return impl
+    if updates_running and running_mean is not None and not _batched(running_mean) \
+            and not _batched(running_var) and _batched(x):
+        raise RuntimeError(
+            f"{layer}: under torch.func.vmap the input is batched but running_mean and running_var, "
+            "which training updates in place, are not (nn.BatchNorm*d refuses this too); use eval "
+            "mode, track_running_stats=False where the layer allows it, or batch the buffers as well")
+    return resolve("reference", x.device)
 
 
 def draw_mask(num_features: int, p: float, device=None, generator: Optional[torch.Generator] = None
@@ -116,7 +161,7 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             raise ValueError(f"{layer}: mask must be a bool tensor of shape ({C},), got {got}")
         if mask.device != x.device:
             raise RuntimeError(f"{layer}: mask is on {mask.device} but the input is on {x.device}")
-    impl = resolve(backend, x.device)
+    impl = _backend_for(backend, x, running_mean, running_var, training and update_stats, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)
@@ -164,7 +209,7 @@ def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, tr
     _checks.check_hyper("num_groups", num_groups, low=1, integer=True)
     _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps, training)
     _checks.check_groups_fit(num_groups, x, layer)
-    impl = resolve(backend, x.device)
+    impl = _backend_for(backend, x, running_mean, running_var, training and update_stats, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)
@@ -295,7 +340,7 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
     use_window = training and window is not None and window.slots > 0
     if use_window:
         _check_conv(layer, x, conv_input, conv_weight, geometry, window)
-    impl = resolve(backend, x.device)
+    impl = _backend_for(backend, x, running_mean, running_var, training and update_state, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)

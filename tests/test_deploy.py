@@ -427,3 +427,17 @@ def test_onnx_small_3d(tmp_path):
     train(model, lambda: make_input((2, 3, 2, 4, 4)))
     x = make_input((2, 3, 2, 4, 4))
     _onnx_check(fold_into_conv(model), x, model(x), tmp_path / "small3d.onnx")
+
+
+def test_onnx_unfolded_converted_model(tmp_path):
+    # Without to_batchnorm / fold_into_conv: every layer exports (eval: BatchNorm's map for
+    # StochNorm and CBN, BGN's per-group map for both groupings) and runs in onnxruntime.
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), StochNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          BatchGroupNorm2d(4, 2), nn.ReLU(), nn.Conv2d(4, 4, 1), BatchGroupNorm2d(4, 8), conv,
+                          se.CrossIterationBatchNorm2d(4, window=2).bind(conv))
+    randomise_affine(model)
+    train(model, lambda: make_input((2, 3, 4, 4)))
+    model.eval()
+    x = make_input((2, 3, 4, 4))
+    _onnx_check(model, x, model(x), tmp_path / "unfolded.onnx")
