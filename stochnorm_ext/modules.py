@@ -21,6 +21,10 @@ track_running_stats`` positionally and ``device``, ``dtype`` and ``bias`` as key
 (``nn.BatchNorm*d`` raises the same ``ValueError`` at its first training forward; ours at
 construction).
 
+Like ``nn.BatchNorm*d``: an empty training batch (``N == 0``) counts in
+``num_batches_tracked`` and changes nothing else, and a call that raises changes nothing,
+the RNG included (StochNorm draws its mask after every check).
+
 Every layer takes ``sync=False, process_group=None``: with ``sync=True`` the training
 statistics are taken over all processes of ``process_group`` (None: the default group),
 like ``nn.SyncBatchNorm`` (see ``stochnorm_ext.distributed``; ``convert_sync`` turns it on
