@@ -519,17 +519,18 @@ def test_half_precision_inputs_with_float32_state(kind, dtype):
         layer64.bind(conv64)
         layer64.load_state_dict(layer.state_dict())
         layer64.double()
+        # x is not the conv's output, so its input goes in explicitly (window Jacobians)
         conv_in = torch.randn(4, 3, 4, 4)
-        conv(conv_in)  # the hook hands the conv input to the layer (window Jacobians)
-        conv64(conv_in.double())
+    extra = dict(conv_input=conv_in) if kind == "cbn" else {}
+    extra64 = dict(conv_input=conv_in.double()) if kind == "cbn" else {}
 
     torch.manual_seed(5)
     xa = x.clone().requires_grad_()
-    ya = layer(xa)
+    ya = layer(xa, **extra)
     ya.backward(dy)
     torch.manual_seed(5)  # the same StochNorm mask
     xa64 = x.double().requires_grad_()
-    ya64 = layer64(xa64)
+    ya64 = layer64(xa64, **extra64)
     ya64.backward(dy.double())
     assert ya.dtype == dtype and xa.grad.dtype == dtype
     assert layer.running_mean.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
