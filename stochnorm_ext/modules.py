@@ -86,10 +86,9 @@ class _NormBase(nn.Module):
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         factory = dict(device=device, dtype=dtype)
-        self.register_parameter("weight", nn.Parameter(torch.empty(num_features, **factory)) if affine else None)
         # bias=False (with affine=True): a scale without shift, as nn.BatchNorm*d(bias=False).
-        self.register_parameter("bias", nn.Parameter(torch.empty(num_features, **factory))
-                                if affine and bias else None)
+        for name, wanted in (("weight", affine), ("bias", affine and bias)):
+            self.register_parameter(name, nn.Parameter(torch.empty(num_features, **factory)) if wanted else None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(stats_size, **factory))
             self.register_buffer("running_var", torch.ones(stats_size, **factory))
@@ -372,8 +371,8 @@ class CrossIterationBatchNorm2d(_NormBase):
     The layer needs the input and weight of its conv: ``bind(conv)`` attaches the
     producing ``nn.Conv2d`` (any stride, padding, dilation, groups, padding mode) through a
     forward hook (in training the layer must receive the conv's output tensor itself:
-    ``cbn(relu(conv(x)))`` raises) and creates the window buffers, so ``load_state_dict`` of a CBN checkpoint
-    works right after binding and resumes exactly. A plain BatchNorm state dict loads too
+    ``cbn(relu(conv(x)))`` raises) and creates the window buffers, so ``load_state_dict``
+    of a CBN checkpoint works right after binding and resumes exactly. A plain BatchNorm state dict loads too
     (empty window). :class:`Conv2dCBN` bundles a conv and a CBN without hooks, and
     ``stochnorm_ext.convert_model(model, "cbn")`` binds every conv -> BN pair of a model.
 

@@ -90,7 +90,8 @@ def _pair(dims, desc, kind, backend, dtype=torch.float64, training=True):
     args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
     bn = BN_CLASSES[dims](*args, **kwargs).to(device=device, dtype=dtype)
     with torch.no_grad():  # random parameters and statistics (never the init values)
-        for name, t in list(bn.named_parameters()) + [(n, b) for n, b in bn.named_buffers() if n != "num_batches_tracked"]:
+        floats = [(n, b) for n, b in bn.named_buffers() if b.is_floating_point()]
+        for name, t in list(bn.named_parameters()) + floats:
             t.copy_(torch.rand_like(t) + 0.5 if name == "running_var" else torch.randn_like(t))
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.fill_(3)
@@ -198,13 +199,15 @@ def test_repr_names_the_batchnorm_arguments(dims, desc, kind, backend):
 
 
 @pytest.mark.parametrize("dims,desc,kind,backend", [c for c in CASES if c.values[3] == "reference"])
-@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), ("cpu", torch.float16), ("meta", torch.float32)])
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float64), ("cpu", torch.float16),
+                                          ("meta", torch.float32)])
 def test_factory_kwargs_and_meta_device(dims, desc, kind, backend, device, dtype):
     mi = _module_input(dims, desc, "cpu", torch.float32, True)
     args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs
     ours = _make(kind, dims, args, dict(kwargs, device=device, dtype=dtype), backend)
     bn = BN_CLASSES[dims](*args, **kwargs, device=device, dtype=dtype)
-    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in bn.named_parameters()]
+    shapes = lambda m: [(n, p.shape) for n, p in m.named_parameters()]  # noqa: E731
+    assert shapes(ours) == shapes(bn)
     for name, t in list(ours.named_parameters()) + list(ours.named_buffers()):
         assert t.device.type == device, name
         assert t.dtype == (dtype if t.is_floating_point() else torch.long), name
@@ -236,13 +239,15 @@ def test_error_inputs(dims, kind):
 
 
 # ------------------------------------------------------------------------------- Conv2dCBN
-@pytest.mark.parametrize("backend", ["reference", "cpu", "cuda"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("desc", [mi.desc for mi in INFOS[nn.BatchNorm2d].module_inputs_func(
     INFOS[nn.BatchNorm2d], device="cpu", dtype=torch.float64, requires_grad=True, training=True)
     if "bias" not in mi.constructor_input.kwargs])
 def test_conv2dcbn_first_step_is_conv_and_batchnorm(desc, backend):
     # A CBN with a window > 1 and an empty window is BatchNorm; its conv runs through the
     # explicit-input route of Conv2dCBN (no hook). The ModuleInfo input feeds the conv.
+    if backend == "triton" and (2, desc) not in TRITON_INPUTS:
+        pytest.skip("the Triton interpreter runs a few inputs only")
     device = _device(backend)
     mi = _module_input(2, desc, device, torch.float64, True)
     args, kwargs = mi.constructor_input.args, mi.constructor_input.kwargs

@@ -371,7 +371,8 @@ def test_shared_batchnorm_fed_by_two_convs(traceable):
     assert model[1] is bn and model[4] is bn
 
 
-@pytest.mark.parametrize("kind,options", [("stochnorm", {}), ("bgn", dict(num_groups=2)), ("cbn", dict(window=2))])
+@pytest.mark.parametrize("kind,options", [("stochnorm", {}), ("bgn", dict(num_groups=2)),
+                                          ("cbn", dict(window=2))])
 def test_batchnorm_without_bias_gains_no_parameter(kind, options):
     # nn.BatchNorm2d(C, bias=False) has a scale and no shift: the converted model (and its
     # deployed form) must not gain a trainable zero bias.

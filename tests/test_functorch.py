@@ -90,7 +90,7 @@ def test_vmap_in_eval_and_without_running_stats(backend, kind):
     xs = torch.randn(5, 3, 4, 4, 4, dtype=torch.float64)
     want = torch.stack([layer(x) for x in xs])
     torch.testing.assert_close(vmap(layer)(xs), want)
-    if kind.startswith("bgn"):  # batch statistics per vmapped slice, as nn.BatchNorm2d(track_running_stats=False)
+    if kind.startswith("bgn"):  # batch statistics per slice, as BatchNorm2d(track_running_stats=False)
         free = sx.BatchGroupNorm2d(4, layer.num_groups, track_running_stats=False, backend=backend).double()
         free.train()
         torch.testing.assert_close(vmap(free)(xs), torch.stack([free(x) for x in xs]))
