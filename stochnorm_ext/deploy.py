@@ -211,7 +211,8 @@ def to_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     * ``BatchGroupNorm*d`` with ``num_groups = m * num_features`` -> :class:`PiecewiseAffine`
       (per channel and spatial piece; eval only).
 
-    Returns the new model (``model`` itself when ``inplace``; otherwise ``model`` is left
+    A layer used at several places (one module, shared) becomes one replacement at all of
+    them. Returns the new model (``model`` itself when ``inplace``; otherwise ``model`` is left
     untouched and a deep copy is converted). It contains no stochnorm_ext layer or hook; its
     eval outputs equal the original's up to float rounding. Every replacement gets copies of
     the tensors, on their device and in their dtype, and keeps its layer's training flag.
@@ -233,11 +234,13 @@ def to_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     # remove_duplicate=False: a layer registered under two names is replaced under both.
     named = list(model.named_modules(remove_duplicate=False))
     done = []
+    replaced: Dict[int, nn.Module] = {}  # a layer used at several places stays shared
     for name, module in named:
         if any(name.startswith(prefix + ".") for prefix in done):
             continue  # inside a Conv2dCBN already replaced
-        new = _replacement(module)
+        new = replaced[id(module)] if id(module) in replaced else _replacement(module)
         if new is not None:
+            replaced[id(module)] = new
             _set_submodule(model, name, new)
             done.append(name)
     return model

@@ -441,3 +441,14 @@ def test_onnx_unfolded_converted_model(tmp_path):
     model.eval()
     x = make_input((2, 3, 4, 4))
     _onnx_check(model, x, model(x), tmp_path / "unfolded.onnx")
+
+
+def test_to_batchnorm_keeps_a_shared_layer_shared():
+    norm = StochNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), norm, nn.ReLU(), nn.Conv2d(4, 4, 1), norm)
+    randomise_affine(model)
+    train(model, lambda: make_input((2, 3, 4, 4)))
+    x = make_input((2, 3, 4, 4))
+    deployed = to_batchnorm(model)
+    assert type(deployed[1]) is nn.BatchNorm2d and deployed[4] is deployed[1]
+    close(deployed(x), model(x))
