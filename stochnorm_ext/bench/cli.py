@@ -161,13 +161,18 @@ def backends_for(device: str, requested: Optional[Sequence[str]]) -> List[str]:
 
 
 def thread_choice(requested: Optional[int]) -> dict:
-    """The CPU threads to time with: the requested count, or the one chosen for the load."""
+    """The CPU threads to time with (the requested count, or the one chosen for the load),
+    why, and the automatic choice."""
     load = load_average()
     auto, why = choose_threads(available_cores(), load[0] if load else None, torch.get_num_threads())
     if requested is None:
-        return dict(count=auto, why=f"chosen for the load: {why}; --threads N overrides", auto=auto)
-    return dict(count=requested, why=f"--threads {requested}; the automatic choice would be {auto}: {why}",
-                auto=auto)
+        why = f"chosen for the load: {why}; --threads N overrides"
+    elif requested > auto:
+        why = (f"--threads {requested}, more than the {auto} the load allows ({why}): OpenMP threads wait for "
+               "descheduled ones, so timings jump by scheduler slices")
+    else:
+        why = f"--threads {requested}; the load allows {auto} ({why})"
+    return dict(count=requested or auto, why=why, auto=auto)
 
 
 def print_plan(args, devices) -> None:
@@ -236,8 +241,7 @@ def _run(args, argv, devices, threads: dict) -> int:
           f"CUDA {env['cuda']}, commit {env['commit']}{' (dirty)' if env['dirty'] else ''}")
     print(f"{report.load_line(env)}; CPU threads: {threads['count']} ({threads['why']})")
     if "cpu" in devices and threads["count"] > threads["auto"]:
-        print(f"warning: {threads['count']} CPU threads where the load suggests {threads['auto']}: OpenMP "
-              "threads wait for descheduled ones, and timings jump by scheduler slices", file=sys.stderr)
+        print(f"warning: CPU threads: {threads['count']} ({threads['why']})", file=sys.stderr)
 
     plan = [(device, backends_for(device, args.backends), cases_for(device, args)) for device in devices]
     checks: List[CheckResult] = []

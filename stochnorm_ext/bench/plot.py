@@ -51,8 +51,10 @@ def figure(rows: List[dict], environment: dict):
                 name = impl if label == layer else f"{label} {impl}"
                 ax.plot(range(len(cases)), ratios, color=color, marker=marker, label=name,
                         linestyle=("-", "--", ":", "-.")[labels.index(label) % 4])
-            ax.axhline(1.0, color="black", linewidth=1.0)
+            ax.axhline(1.0, color="black", linewidth=1.0,
+                       label="conv + BN = 1" if layer.startswith("conv+") else "BatchNorm = 1")
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{device}: {title}" + (f"\n({hidden} flagged row{'s' if hidden != 1 else ''} not drawn)"

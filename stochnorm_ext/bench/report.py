@@ -149,11 +149,12 @@ def device_lines(device: str, environment: dict) -> List[str]:
 
 
 def load_line(environment: dict) -> str:
+    """The load averages at the start (and the end, once measured) against the cores."""
     start, end = environment["load_average_at_start"], environment.get("load_average_at_end")
     cores = environment["cores_available"]
     busy = start is not None and max(start[0], (end or start)[0]) >= cores
-    return (f"load average (1/5/15 min) at start {start}, at end {end}, on {cores} CPU cores"
-            + (": a busy machine (more runnable processes than cores)" if busy else ""))
+    return (f"load average (1/5/15 min) at start {start}" + (f", at end {end}" if end else "")
+            + f", on {cores} CPU cores" + (": a busy machine (more runnable processes than cores)" if busy else ""))
 
 
 def write_json(path: str, report: dict) -> None:
