@@ -18,8 +18,8 @@ SUBJECTS = [("bn", "native"), ("stoch_norm", None), ("bgn", None), ("cbn", None)
 @pytest.mark.parametrize("layer, impl", SUBJECTS,
                          ids=[f"{layer}-{impl or 'default'}" for layer, impl in SUBJECTS])
 def test_fwd_bwd(benchmark, layer, impl):
-    subjects = subjects.build_subjects(CASE, cases.LAYERS, [None], bn_kind="native")
-    subject = next(s for s in subjects if (s.layer, s.impl) == (layer, impl))
+    built = subjects.build_subjects(CASE, cases.LAYERS, [None], bn_kind="native")
+    subject = next(s for s in built if (s.layer, s.impl) == (layer, impl))
     channels = cases.conv_in_channels(CASE.channels, "1x1") if subject.conv_input else CASE.channels
     step = timing.direction_step(subject, timing.make_inputs(CASE, channels, copies=1), "fwd+bwd")
     benchmark.group = f"fwd+bwd {CASE.label}"

@@ -32,12 +32,20 @@ def figure(rows: List[dict], environment: dict):
     devices = list(dict.fromkeys(r["device"] for r in rows))
     panels = [(layer, title) for layer, title in PANELS if any(base_layer(r["layer"]) == layer for r in rows)]
     ncases = max(len({case_of(r) for r in rows if r["device"] == d}) for d in devices)
-    fig, axes = plt.subplots(len(devices), len(panels), squeeze=False, sharey="row",
-                             figsize=(len(panels) * max(4.0, 0.5 * ncases + 2.5), 4.8 * len(devices)))
-    for row_index, device in enumerate(devices):
+    # Two panels a row, so that the figure reads at the width of a page.
+    ncols, rows_per_device = min(2, len(panels)), math.ceil(len(panels) / 2)
+    height = 4.6 * len(devices) * rows_per_device
+    fig, grid = plt.subplots(len(devices) * rows_per_device, ncols, squeeze=False, sharey=True,
+                             figsize=(ncols * min(max(5.0, 0.6 * ncases + 3.0), 20.0), height))
+    per_device = rows_per_device * ncols
+    for device_index, device in enumerate(devices):
         selected = [r for r in rows if r["device"] == device and r["direction"] == DIRECTION]
         cases = list(dict.fromkeys(case_of(r) for r in selected))
-        for ax, (layer, title) in zip(axes[row_index], panels):
+        cells = list(grid.flat[device_index * per_device:(device_index + 1) * per_device])
+        axes = cells[:len(panels)]
+        for extra in cells[len(panels):]:
+            extra.remove()  # an odd number of panels leaves one cell empty
+        for ax, (layer, title) in zip(axes, panels):
             mine = [r for r in selected if base_layer(r["layer"]) == layer]
             series = list(dict.fromkeys((r["layer"], r["impl"]) for r in mine))
             value = {(case_of(r), r["layer"], r["impl"]): r for r in mine}
@@ -60,14 +68,18 @@ def figure(rows: List[dict], environment: dict):
             ax.set_title(f"{device}: {title}" + (f"\n({hidden} flagged row{'s' if hidden != 1 else ''} not drawn)"
                                                   if hidden else ""),
                          fontsize=10)
-            ax.set_xticks(range(len(cases)), [c.label for c in cases], rotation=30, ha="right", fontsize=8)
+            ax.set_xticks(range(len(cases)), [c.label for c in cases], rotation=30 if len(cases) <= 12 else 90,
+                          ha="right", fontsize=8 if len(cases) <= 24 else 6)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8, loc="best")
-        axes[row_index][0].set_ylabel(f"{DIRECTION} time / BatchNorm's\n(lower is better; 1 = BatchNorm)")
+            if axes.index(ax) % ncols == 0:
+                ax.set_ylabel(f"{DIRECTION} time / BatchNorm's\n(lower is better; 1 = BatchNorm)")
+        low, high = axes[0].get_ylim()
+        axes[0].set_ylim(min(low, 0.5), max(high, 2.0))  # both sides of BatchNorm in view
     info = "; ".join(f"{d}: {environment['devices'][d]['name']}" for d in devices)
     fig.suptitle(f"stochnorm_ext bench: training step ({DIRECTION}) time over BatchNorm's, median of "
                  f"{environment['rounds']} rounds\n{info}; torch {environment['torch']}, commit "
                  f"{environment['commit']}" + (" (uncommitted changes)" if environment["dirty"] else ""),
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))  # room for the two-line title
     return fig
