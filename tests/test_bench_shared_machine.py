@@ -92,6 +92,27 @@ def test_one_thread_clock_skips_time_without_the_core():
     assert timing.median_ms(step, timing.TimerSettings("cpu", min_run_time_s=0.005, threads=2)) >= 20
 
 
+def test_one_thread_steps_run_on_the_calling_thread():
+    """What makes the thread's CPU time the right clock with one thread: every subject's
+    whole training step (autograd's backward included) runs on the calling thread, so the
+    process spends no CPU time elsewhere."""
+    case = cases.Case("cpu", 4, 32, 16, 16, "float32", "nchw")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for subject in subjects.build_subjects(case, cases.LAYERS, [OUR_FAST, "reference"], "native"):
+            channels = cases.conv_in_channels(case.channels, "1x1") if subject.conv_input else case.channels
+            step = timing.direction_step(subject, timing.make_inputs(case, channels, 1), "fwd+bwd")
+            step()
+            thread, process = time.thread_time(), time.process_time()
+            for _ in range(5):
+                step()
+            thread, process = time.thread_time() - thread, time.process_time() - process
+            assert process - thread <= 0.05 * thread + 1e-3, (subject.layer, subject.impl, thread, process)
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- rounds and flags
 def test_rounds_alternate_over_the_subjects():
     """Round 1 times the baseline first, round 2 last; every row keeps one time per round
