@@ -66,8 +66,9 @@ def _param_grads(x: Tensor, weight):
 
 # ------------------------------------------------------------------------------- fake impls
 @torch.library.register_fake("stochnorm_ext::segment_stats")
-def _(input, pieces):
-    return _table(input, input.shape[1], pieces), _table(input, input.shape[1], pieces)
+def _(input, pieces):  # float64 tables for every input dtype (csrc/ops.cpp)
+    shape = (input.shape[1], pieces)
+    return input.new_empty(shape, dtype=torch.float64), input.new_empty(shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("stochnorm_ext::segment_apply")

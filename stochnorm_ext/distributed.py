@@ -161,8 +161,8 @@ class _TorchPasses:
 
 class _KernelPasses:
     """The same passes on the backend's kernels, ``torch.ops.stochnorm_ext.segment_*``
-    (tables in the accumulation dtype; the ``.default`` overloads, as ``_ops.defaults``
-    calls them). Empty inputs go to the PyTorch passes."""
+    (tables in the accumulation dtype, statistics in float64; the ``.default`` overloads, as
+    ``_ops.defaults`` calls them). Empty inputs go to the PyTorch passes."""
 
     @staticmethod
     def stats(x, pieces):

@@ -74,7 +74,8 @@ def _merge_lanes(count, mean, m2, AXIS: tl.constexpr):
     ref = tl.where(total > 0, ref, 0.0)
     merged_mean = ref + tl.sum(count * (mean - tl.expand_dims(ref, AXIS)), AXIS) / tl.maximum(total, 1.0)
     d = mean - tl.expand_dims(merged_mean, AXIS)
-    return total, merged_mean, tl.sum(tl.where(count > 0, m2 + count * d * d, 0.0), AXIS)
+    m2_terms = tl.where(count > 0, m2 + count * d * d, 0.0).to(tl.float64)
+    return total, merged_mean, tl.sum(m2_terms, AXIS).to(m2.dtype)
 
 
 @triton.jit
