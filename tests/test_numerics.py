@@ -141,7 +141,7 @@ def test_huge_inputs_like_batchnorm(backend, device, kind, groups, scale):
     assert y_bn.isfinite().all() and xb.grad.isfinite().all() and bn.running_var.isinf().all()
 
     layer = make_layer(kind, groups, backend, momentum=0.1).to(device).train()
-    xl = x.to(device).requires_grad_()
+    xl = x.to(device, copy=True).requires_grad_()
     y = layer(xl)
     y.backward(dy.to(device))
     assert y.isfinite().all(), f"{backend} {kind}: non-finite outputs"
@@ -181,7 +181,7 @@ def test_float64_outputs_and_gradients(backend, device, kind, groups):
             layer.running_mean.normal_()
             layer.running_var.uniform_(0.5, 1.5)
         layer.to(dev).train()
-        xl = x.to(dev).requires_grad_()
+        xl = x.to(dev, copy=True).requires_grad_()  # its own .grad on each backend
         torch.manual_seed(2)  # the same StochNorm mask on both backends
         y = layer(xl)
         y.backward(dy.to(dev))

@@ -36,8 +36,10 @@ NaN.
 
 Accumulation happens in the element type of the statistics buffers the caller passes
 (float32, or float64 for float64 input). Float scalars (momentum, eps, ...) are float64
-kernel arguments (a plain Python float would reach a compiled kernel as float32); they
-enter only in operations with an accumulation-type block, so they take its precision.
+kernel arguments (a plain Python float would reach a compiled kernel as float32), turned
+into the accumulation type where they meet a block (``_like``). The lanes' M2 terms are
+summed in float64: a float32 sum of a tile's thousands of squares would cost several
+float32 roundings of the variance.
 Offsets are int64 (tensors over 2**31 elements). No RNG, atomics or libdevice: the kernels
 run under TRITON_INTERPRET=1 too.
 """
@@ -79,9 +81,17 @@ def _merge_lanes(count, mean, m2, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _like(value, like):
+    """A float scalar argument as a block of ``like``'s shape and dtype. Compiled, the
+    argument is a float64 tensor, which would promote a float32 block to float64; under
+    the interpreter it is a Python float, which takes the block's dtype."""
+    return (tl.zeros_like(like) + value).to(like.dtype)
+
+
+@triton.jit
 def _inv_std(var, eps):
     # 1/sqrt rather than rsqrt: the same code serves float32 and float64 statistics.
-    return 1.0 / tl.sqrt(var + eps)
+    return 1.0 / tl.sqrt(var + _like(eps, var))
 
 
 @triton.jit
@@ -210,8 +220,9 @@ def _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, stat,
 def _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                     batch_mean, batch_var, momentum, unbias):
     """EMA like nn.BatchNorm: the running variance takes the unbiased batch variance."""
-    new_mean = (1.0 - momentum) * old_mean + momentum * batch_mean
-    new_var = (1.0 - momentum) * old_var + momentum * (batch_var * unbias)
+    keep, take = _like(1.0 - momentum, old_mean), _like(momentum, old_mean)
+    new_mean = keep * old_mean + take * batch_mean
+    new_var = keep * old_var + take * (batch_var * _like(unbias, batch_var))
     tl.store(running_mean_ptr + stat, new_mean.to(running_mean_ptr.dtype.element_ty), mask=stat_mask)
     tl.store(running_var_ptr + stat, new_var.to(running_var_ptr.dtype.element_ty), mask=stat_mask)
 
@@ -253,7 +264,7 @@ def batch_stats_finalize_kernel(
     stat_mask = stat < num_stats
     _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, stat, stat_mask,
                                    parts_per_stat, BLOCK_K, BLOCK_P)
-    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mean, var, tl.zeros_like(mean) + inv_count)
+    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mean, var, _like(inv_count, mean))
     if UPDATE_RUNNING:
         old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mean)
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
@@ -281,7 +292,7 @@ def stoch_norm_finalize_kernel(
     batch_branch = tl.load(mask_ptr + stat, mask=stat_mask, other=0) != 0
     old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mean)
     _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, tl.where(batch_branch, mean, old_mean),
-                  tl.where(batch_branch, var, old_var), tl.where(batch_branch, tl.zeros_like(mean) + inv_count, 0.0))
+                  tl.where(batch_branch, var, old_var), tl.where(batch_branch, _like(inv_count, mean), 0.0))
     if UPDATE_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                         mean, var, momentum, unbias)
@@ -325,7 +336,7 @@ def cross_iteration_finalize_kernel(
     tl.store(mu_t_ptr + stat, mu_t, mask=stat_mask)
     tl.store(var_t_ptr + stat, var_t, mask=stat_mask)
     _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mu, (var_sum + spread) / count,
-                  inv_count / count)
+                  _like(inv_count, count) / count)
     if UPDATE_RUNNING:
         old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mu_t)
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
