@@ -5,7 +5,9 @@ registers, for every op, a fake (meta) implementation for torch.compile / FakeTe
 the differentiable ones an autograd formula. These registrations are device-independent: a
 CUDA build registers its kernels under the CUDA key of the same schemas and reuses them.
 
-Ops (tables are ``(C, P)`` or ``(C,)`` in the accumulation dtype: float32, float64 for float64 input):
+Ops (tables are ``(C, P)`` or ``(C,)`` in the accumulation dtype: float32, float64 for float64
+input; ``segment_stats`` returns float64 tables for every input, so that segments and ranks
+merge at a large common offset):
 
 - shared core: ``segment_stats``, ``segment_apply``, ``segment_grad_sums``,
   ``segment_grad_apply``, ``update_running_stats`` (in place);
