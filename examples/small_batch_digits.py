@@ -244,8 +244,9 @@ def format_table(acc: Dict[int, Dict[str, List[float]]], layers: Sequence[str]) 
     return "\n".join(lines)
 
 
-def plot(acc: Dict[int, Dict[str, List[float]]], layers: Sequence[str], path: str, title: str) -> bool:
-    """Test accuracy (mean ± sd over seeds) against batch size, one line per layer."""
+def plot(stats: Dict[int, Dict[str, tuple]], path: str, title: str) -> bool:
+    """Test accuracy against batch size, one line per layer, error bars ± sd; ``stats``:
+    ``{batch size: {layer: (mean, sd)}}``. Left the whole range, right the top 4 points."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -253,22 +254,29 @@ def plot(acc: Dict[int, Dict[str, List[float]]], layers: Sequence[str], path: st
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return False
-    sizes = list(acc)
-    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
-    for i, layer in enumerate(layers):
-        stats = [mean_sd(acc[b][layer]) for b in sizes]
-        # Small horizontal offsets keep overlapping error bars apart.
-        xs = np.asarray(sizes, dtype=float) * 1.03 ** (i - (len(layers) - 1) / 2)
-        style = ":" if layer in CONTROLS else "-"
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=3,
-                    marker="o", markersize=4, linestyle=style, label=layer)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(b) for b in sizes])
-    ax.set_xlabel("batch size (same epochs, learning rate scaled with the batch size)")
-    ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
-    ax.set_title(title, fontsize=9)
-    fig.legend(fontsize=8, loc="outside right center")
-    fig.savefig(path, dpi=120)
+    sizes = list(stats)
+    layers = list(stats[sizes[0]])
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[0::2] + tab20[1::2]  # 20 distinct colours, the strong ones first
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
+    for ax in axes:
+        for i, layer in enumerate(layers):
+            means, sds = zip(*(stats[b][layer] for b in sizes))
+            # Small horizontal offsets keep overlapping error bars apart.
+            xs = np.asarray(sizes, dtype=float) * 1.03 ** (i - (len(layers) - 1) / 2)
+            ax.errorbar(xs, means, yerr=sds, capsize=3, marker="o", markersize=4, color=colors[i % 20],
+                        linestyle=":" if layer in CONTROLS else "-", label=layer)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_xlabel("batch size (same epochs, learning rate scaled with the batch size)")
+    top = max(m for per_layer in stats.values() for m, _ in per_layer.values())
+    axes[1].set_ylim(math.floor(top) - 3, min(100.0, top + 1))
+    axes[0].set_ylabel("test accuracy (%), mean ± sd over seeds")
+    axes[1].set_title("zoom", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside right center")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -336,7 +344,8 @@ def main(argv=None) -> dict:
     saved = None
     if args.out:
         title = f"digits from scratch: {args.seeds} seeds, {args.epochs} epochs"
-        if plot(acc, args.layers, args.out, title):
+        stats = {b: {layer: mean_sd(a) for layer, a in per_layer.items()} for b, per_layer in acc.items()}
+        if plot(stats, args.out, title):
             saved = args.out
             print(f"plot saved to {saved}")
     return {"accuracy": acc, "table": table, "plot": saved, "seconds": seconds, "cpu_seconds": cpu_seconds}
