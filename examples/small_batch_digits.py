@@ -30,8 +30,8 @@ deploy the model) on a fixed stratified third of the digits never used in traini
     python examples/small_batch_digits.py --smoke          # tiny run for CI (seconds)
     python examples/small_batch_digits.py --seeds 10 --batch-sizes 2 4 8 16 32 --epochs 6
 
-Needs scikit-learn (``load_digits`` ships with it; nothing is downloaded), scipy (comes
-with scikit-learn) and, for the plot, matplotlib.
+Needs scikit-learn (``load_digits`` ships with it; nothing is downloaded) and, for the
+plot, matplotlib.
 """
 from __future__ import annotations
 
