@@ -111,14 +111,17 @@ def build_plan():
     if cuda:
         archs = _arch_list().replace(";", " ").split()
         what += (f" and the CUDA kernels ({why}) for {', '.join('sm_' + a.replace('.', '') for a in archs)} "
-                 f"(~{3 * len(archs)}-{5 * len(archs)} min more on 2 cores)")
+                 f"(~{2 * len(archs)}-{3 * len(archs)} min more on 2 cores)")
     else:
         what += f"; not the CUDA kernels ({why})"
     digest = hashlib.sha256()
     digest.update(repr((torch.__version__, cuda, _arch_list() if cuda else None, cpp_extension.CUDA_HOME,
                         sys.version, _read_version())).encode())
-    for path in [os.path.join(HERE, "setup.py"), os.path.join(HERE, "pyproject.toml")] + sorted(
-            glob.glob(os.path.join(HERE, "csrc", "**", "*"), recursive=True)):
+    # Every file a compile may read: csrc/ but its host-side tests and notes.
+    inputs = [path for path in sorted(glob.glob(os.path.join(HERE, "csrc", "**", "*"), recursive=True))
+              if os.path.isfile(path) and not path.endswith(".md")
+              and "tests" not in os.path.relpath(path, HERE).split(os.sep)]
+    for path in [os.path.join(HERE, "setup.py"), os.path.join(HERE, "pyproject.toml")] + inputs:
         if os.path.isfile(path):
             digest.update(os.path.relpath(path, HERE).encode())
             with open(path, "rb") as f:

@@ -45,8 +45,13 @@ plan=$("$PY" setup.py --build-plan 2>.venv/build-plan.err) || { cat .venv/build-
 build_key=$(sed -n 1p <<<"$plan")
 library=$(ls stochnorm_ext/_C.*.so 2>/dev/null | head -n 1 || true)
 library_hash=$([ -n "$library" ] && hash_of <"$library" || true)
-editable_here=$(grep -ls "\"file://$PWD\"" .venv/lib/python*/site-packages/stochnorm_ext-*.dist-info/direct_url.json \
-  2>/dev/null || true)
+# pip records where an install came from; an editable one of this tree reads the sources here.
+editable_here=
+for record in .venv/lib/python*/site-packages/stochnorm_ext-*.dist-info/direct_url.json; do
+  if grep -qs "\"file://$(pwd -P)\"" "$record" && grep -qs '"editable": true' "$record"; then
+    editable_here=yes
+  fi
+done
 if [ -n "$library" ] && [ -n "$editable_here" ] \
    && [ "$(cat .venv/.stamp-build 2>/dev/null)" = "$build_key $library_hash" ]; then
   say "build: stochnorm_ext in .venv is current (no source, setup.py or build flag changed), skipped"
