@@ -161,7 +161,7 @@ def coverage(devices) -> tuple:
             lines.append(f"checked      {name:9s} on {', '.join(on)}")
             continue
         why = reason or f"runs on none of the devices checked ({', '.join(devices)})"
-        lines.append(f"NOT checked  {name:9s} {f'(as {said[why]})' if why in said else why}")
+        lines.append(f"NOT checked  {name:9s} {f'(same reason as {said[why]})' if why in said else why}")
         said.setdefault(why, name)
     return lines, list(dict.fromkeys(backend for _, backend in pairs))
 
