@@ -6,11 +6,11 @@ full benchmark. Run with ``pytest benchmarks/`` (not part of the default ``tests
 import pytest
 import torch
 
-from stochnorm_ext import bench
+from stochnorm_ext.bench import cases, subjects, timing
 
-CASE = bench.Case("cpu", batch=8, channels=32, height=16, width=16, dtype="float32",
+CASE = cases.Case("cpu", batch=8, channels=32, height=16, width=16, dtype="float32",
                   memory_format="nchw")
-# (layer, impl) as bench.build_subjects names them; None is the default backend.
+# (layer, impl) as subjects.build_subjects names them; None is the default backend.
 SUBJECTS = [("bn", "native"), ("stoch_norm", None), ("bgn", None), ("cbn", None),
             ("conv+bn", "native"), ("conv+cbn", None)]
 
@@ -18,11 +18,11 @@ SUBJECTS = [("bn", "native"), ("stoch_norm", None), ("bgn", None), ("cbn", None)
 @pytest.mark.parametrize("layer, impl", SUBJECTS,
                          ids=[f"{layer}-{impl or 'default'}" for layer, impl in SUBJECTS])
 def test_fwd_bwd(benchmark, layer, impl):
-    subjects = bench.build_subjects(CASE, bench.LAYERS, [None], bn_kind="native")
-    subject = next(s for s in subjects if (s.layer, s.impl) == (layer, impl))
-    channels = bench.conv_in_channels(CASE.channels, "1x1") if subject.conv_input else CASE.channels
-    step = bench.direction_step(subject, bench.make_inputs(CASE, channels, copies=1), "fwd+bwd")
+    built = subjects.build_subjects(CASE, cases.LAYERS, [None], bn_kind="native")
+    subject = next(s for s in built if (s.layer, s.impl) == (layer, impl))
+    channels = cases.conv_in_channels(CASE.channels, "1x1") if subject.conv_input else CASE.channels
+    step = timing.direction_step(subject, timing.make_inputs(CASE, channels, copies=1), "fwd+bwd")
     benchmark.group = f"fwd+bwd {CASE.label}"
     benchmark.extra_info["threads"] = torch.get_num_threads()
     # Warm-up rounds also fill CBN's window (4 steps) before the timed rounds.
-    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=bench.CBN_WINDOW)
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=cases.CBN_WINDOW)

@@ -86,8 +86,8 @@ template <typename T>
 struct StochNormForward {
   // inputs
   const bool* mask;           // (C,) or nullptr in eval
-  const T* seg_mean;          // (C,) batch statistics; unused in eval
-  const T* seg_m2;            // (C,)
+  const double* seg_mean;     // (C,) batch statistics (double: segment_stats); unused in eval
+  const double* seg_m2;       // (C,)
   T count;                    // N * S values per channel
   const T* running_mean;      // (C,)
   const T* running_var;       // (C,)
@@ -107,8 +107,8 @@ template <typename T>
 C10_HOST_DEVICE inline void stoch_norm_forward_coefficients(int64_t c, const StochNormForward<T>& a) {
   bool batch_branch = false;
   if (a.mask != nullptr) {
-    a.batch_mean[c] = a.seg_mean[c];
-    a.batch_var[c] = a.seg_m2[c] / a.count;
+    a.batch_mean[c] = T(a.seg_mean[c]);
+    a.batch_var[c] = T(a.seg_m2[c] / double(a.count));
     batch_branch = a.mask[c];
   }
   const T mean = batch_branch ? a.batch_mean[c] : a.running_mean[c];
@@ -167,8 +167,8 @@ C10_HOST_DEVICE inline void stoch_norm_backward_coefficients(int64_t c, const St
 template <typename T>
 struct GroupNormForward {
   int64_t segments_per_group;
-  const T* seg_mean;          // (C*P,) batch statistics per segment (equal counts); unused if !use_batch
-  const T* seg_m2;
+  const double* seg_mean;     // (C*P,) batch statistics per segment (equal counts); unused if !use_batch
+  const double* seg_m2;
   T seg_count;                // values per segment, N * S / P
   bool use_batch;             // batch statistics (training, or no running statistics)
   const T* running_mean;      // (G,) used when !use_batch
@@ -180,15 +180,15 @@ struct GroupNormForward {
   T* invstd;
 };
 
-// Per group g: merge its segments' moments with Chan's formula, in double (O(G) work; a float
-// running mean near a large common offset would lose the deviations' digits).
+// Per group g: merge its segments' moments with Chan's formula, in double (O(G) work; float
+// segment means near a large common offset would lose the spread between them).
 template <typename T>
 C10_HOST_DEVICE inline void group_norm_forward_coefficients(int64_t g, const GroupNormForward<T>& a) {
   T mean, var;
   if (a.use_batch) {
     double count = 0, group_mean = 0, m2 = 0;
     for (int64_t s = g * a.segments_per_group; s < (g + 1) * a.segments_per_group; ++s) {
-      chan_merge<double>(count, group_mean, m2, a.seg_count, a.seg_mean[s], a.seg_m2[s]);
+      chan_merge<double>(count, group_mean, m2, double(a.seg_count), a.seg_mean[s], a.seg_m2[s]);
     }
     mean = T(group_mean);
     var = T(m2 / count);
@@ -311,8 +311,8 @@ C10_HOST_DEVICE inline void group_norm_param_grads(int64_t c, const GroupNormPar
 // batch statistics (eval) it is plain BN.
 template <typename T>
 struct CrossIterationForward {
-  const T* seg_mean;          // (C,) current batch; unused if !use_batch
-  const T* seg_m2;
+  const double* seg_mean;     // (C,) current batch (double: segment_stats); unused if !use_batch
+  const double* seg_m2;
   T count;                    // N * S
   bool use_batch;
   int64_t channels;           // C, the row stride of the past tables
@@ -337,8 +337,8 @@ template <typename T>
 C10_HOST_DEVICE inline void cross_iteration_forward_coefficients(int64_t c, const CrossIterationForward<T>& a) {
   T mean, var;
   if (a.use_batch) {
-    const T mu_t = a.seg_mean[c];
-    const T var_t = a.seg_m2[c] / a.count;
+    const T mu_t = T(a.seg_mean[c]);
+    const T var_t = T(a.seg_m2[c] / double(a.count));
     a.batch_mean[c] = mu_t;
     a.batch_var[c] = var_t;
     T entries = 1, sum_mean = mu_t, sum_var = var_t;

@@ -132,6 +132,11 @@ inline at::TensorOptions table_options(const SegmentInput& in) {
   return in.x.options().dtype(accumulate_type(in.x.scalar_type()));
 }
 
+// The statistics tables (segment mean and m2) are float64 whatever the input: a float mean
+// rounded at a large common offset (1e6 + randn) would lose the spread between segments that
+// are merged into one statistic (BGN groups of channels, distributed ranks).
+inline at::TensorOptions stats_table_options(const SegmentInput& in) { return in.x.options().dtype(at::kDouble); }
+
 // The number of pieces P of a (C, P) table, or 1 for a (C,) table.
 inline int64_t pieces_of(const at::Tensor& input, const at::Tensor& table) {
   TORCH_CHECK(input.dim() >= 2, "stochnorm_ext: expected an input of shape (N, C, *spatial), got ", input.dim(), "D");

@@ -108,7 +108,7 @@ ForwardResult stoch_norm_forward(const Tensor& input, const std::optional<Tensor
   Tensor scale = at::empty({C}, acc), shift = at::empty({C}, acc);
   STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
     const cf::StochNormForward<scalar_t> a{
-        ptr_or_null<bool>(m), ptr_or_null<scalar_t>(seg_mean), ptr_or_null<scalar_t>(seg_m2),
+        ptr_or_null<bool>(m), ptr_or_null<double>(seg_mean), ptr_or_null<double>(seg_m2),
         scalar_t(in.geometry.count()), rm.const_data_ptr<scalar_t>(), rv.const_data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(w), ptr_or_null<scalar_t>(b), scalar_t(eps),
         mutable_ptr_or_null<scalar_t>(batch_mean), mutable_ptr_or_null<scalar_t>(batch_var),
@@ -136,8 +136,8 @@ BackwardResult stoch_norm_backward(const Tensor& grad_output, const Tensor& inpu
   return pass.finish(grad_output, weight);
 }
 
-// BGN and CBN forwards: training reads the per-segment batch statistics (seg_mean, seg_m2),
-// eval the (n,) running statistics (rm, rv), which must then be given.
+// BGN and CBN forwards: training reads the per-segment batch statistics (seg_mean, seg_m2,
+// double), eval the (n,) running statistics (rm, rv), which must then be given.
 template <typename Device>
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_or_running_stats(
     const common::SegmentInput& in, bool use_batch_stats, const std::optional<Tensor>& running_mean,
@@ -175,7 +175,7 @@ ForwardResult batch_group_norm_forward(const Tensor& input, int64_t num_groups, 
   Tensor seg_center = at::empty({C, P}, acc), seg_scale = at::empty({C, P}, acc), seg_shift = at::empty({C, P}, acc);
   STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
     const cf::GroupNormForward<scalar_t> group{
-        segments_per_group, ptr_or_null<scalar_t>(seg_mean), ptr_or_null<scalar_t>(seg_m2),
+        segments_per_group, ptr_or_null<double>(seg_mean), ptr_or_null<double>(seg_m2),
         scalar_t(in.geometry.count()), use_batch_stats, ptr_or_null<scalar_t>(rm), ptr_or_null<scalar_t>(rv),
         scalar_t(eps), mutable_ptr_or_null<scalar_t>(batch_mean), mutable_ptr_or_null<scalar_t>(batch_var),
         center.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>()};
@@ -266,7 +266,7 @@ ForwardResult cross_iteration_norm_forward(const Tensor& input, const std::optio
   Tensor scale = at::empty({C}, acc), shift = at::empty({C}, acc);
   STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
     const cf::CrossIterationForward<scalar_t> a{
-        ptr_or_null<scalar_t>(seg_mean), ptr_or_null<scalar_t>(seg_m2), scalar_t(in.geometry.count()),
+        ptr_or_null<double>(seg_mean), ptr_or_null<double>(seg_m2), scalar_t(in.geometry.count()),
         use_batch_stats, C, K, p_mean.const_data_ptr<scalar_t>(), p_var.const_data_ptr<scalar_t>(),
         keep.const_data_ptr<bool>(), ptr_or_null<scalar_t>(rm), ptr_or_null<scalar_t>(rv), ptr_or_null<scalar_t>(w),
         ptr_or_null<scalar_t>(b), scalar_t(eps), mutable_ptr_or_null<scalar_t>(batch_mean),

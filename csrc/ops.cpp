@@ -44,6 +44,7 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
 TORCH_LIBRARY(stochnorm_ext, m) {
   // ---- The shared core: statistics, apply, backward sums, backward apply (per segment).
   // (C, P) mean and m2 (sum of squared deviations) of each segment; N * S / P values each.
+  // float64 for every input dtype, so that segments can be merged at a large common offset.
   m.def("segment_stats(Tensor input, int pieces) -> (Tensor mean, Tensor m2)");
   // y = (x - center) * scale + shift with (C, P) (or (C,)) tables; y keeps x's memory format.
   m.def("segment_apply(Tensor input, Tensor center, Tensor scale, Tensor shift) -> Tensor");

@@ -51,5 +51,7 @@ for make in (lambda b: sx.StochNorm2d(8, backend=b), lambda b: sx.BatchGroupNorm
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 import importlib.util
 assert importlib.util.find_spec("stochnorm_ext.triton_kernels") is not None
+# The main job ships in the wheel: python -m stochnorm_ext.bench.
+assert importlib.util.find_spec("stochnorm_ext.bench.__main__") is not None
 print("wheel smoke test passed")
 PY

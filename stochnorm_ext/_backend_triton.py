@@ -20,8 +20,8 @@ exact. Statistics and apply stay separate ops, as DESIGN.md asks (a distributed 
 would all-reduce between them).
 
 Dtypes: float32/float16/bfloat16 inputs accumulate in float32; float64 inputs run the
-same kernels in float64 (exact to float64 rounding, except that ``momentum`` and ``eps``
-reach the kernels as float32 scalars, as Triton passes Python floats).
+same kernels in float64, exact to float64 rounding (``momentum``, ``eps`` and the other
+float scalars are float64 kernel arguments).
 
 No autotuning: launch configurations come from a shape heuristic (``_plan``), identical
 under the interpreter and on a GPU, so no kernel ever runs twice on the same state.
@@ -67,14 +67,14 @@ TUNING = {
 def _import_kernels():
     """``stochnorm_ext.triton_kernels.norm_kernels``. Installed, the package maps the
     repository's ``triton_kernels/`` folder there (setup.py); run from a source checkout
-    (PYTHONPATH=repo), the folder is registered under that name here."""
+    (PYTHONPATH=repo, an editable install), the checkout's own folder is registered under
+    that name here, even where an editable install of another checkout maps the name to
+    that checkout's folder."""
     name = f"{__package__}.triton_kernels"
-    try:
-        return importlib.import_module(name + ".norm_kernels")
-    except ModuleNotFoundError as exc:
-        if exc.name not in (name, name + ".norm_kernels"):
-            raise
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
+    installed = os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_kernels"))
+    if installed or not os.path.isfile(os.path.join(folder, "__init__.py")):
+        return importlib.import_module(name + ".norm_kernels")
     spec = importlib.util.spec_from_file_location(
         name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
     if spec is None:
@@ -268,16 +268,18 @@ if UNAVAILABLE is None:
         fake implementation needs); always True on a GPU, where wrap_triton traces."""
         return not (INTERPRETED and is_fake(t))
 
-    def _segment_stats(p: Plan, acc: torch.dtype):
-        """Partial (count, mean, M2), each (C * pieces * splits,)."""
+    def _segment_stats(p: Plan, acc: torch.dtype, channels_per_group: int = 1):
+        """Partial (count, mean, M2) of shifted values, each (C * pieces * splits,), and the
+        shift of each statistic, (C * pieces / channels_per_group,)."""
         size = p.C * p.pieces * p.splits
         parts = tuple(_new(size, acc, p.x.device) for _ in range(3))
+        shift = _new(p.C * p.pieces // channels_per_group, acc, p.x.device)
         if _launches(p.x):
             wrap_triton(segment_stats_kernel)[p.grid](
-                p.x, *parts, p.C, p.pieces, *p.launch_args(),
+                p.x, *parts, shift, p.C, p.pieces, channels_per_group, *p.launch_args(),
                 CHANNELS_LAST=p.channels_last, BLOCK_I=p.block_i, BLOCK_C=p.block_c,
                 num_warps=TUNING["num_warps"])
-        return parts
+        return parts + (shift,)
 
     def _apply(p: Plan, center: Tensor, var: Tensor, weight, bias, eps: float,
                channels_per_group: int) -> Tensor:
@@ -330,7 +332,7 @@ if UNAVAILABLE is None:
         pieces, channels_per_group = _grouping(x.shape[1], num_groups)
         acc = _accumulate_dtype(x)
         p = _plan(x, pieces)
-        parts = _segment_stats(p, acc)
+        parts = _segment_stats(p, acc, channels_per_group)
         center, var, red_weight = (_new(num_groups, acc, x.device) for _ in range(3))
         grid, blocks, scalars = _finalize_args(p, num_groups, channels_per_group * p.splits,
                                                x.numel() // num_groups, momentum)

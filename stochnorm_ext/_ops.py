@@ -6,7 +6,9 @@ registers, for every op, a fake (meta) implementation for torch.compile / FakeTe
 the differentiable ones an autograd formula. These registrations are device-independent: a
 CUDA build registers its kernels under the CUDA key of the same schemas and reuses them.
 
-Ops (tables are ``(C, P)`` or ``(C,)`` in the accumulation dtype: float32, float64 for float64 input):
+Ops (tables are ``(C, P)`` or ``(C,)`` in the accumulation dtype: float32, float64 for float64
+input; ``segment_stats`` returns float64 tables for every input, so that segments and ranks
+merge at a large common offset):
 
 - shared core: ``segment_stats``, ``segment_apply``, ``segment_grad_sums``,
   ``segment_grad_apply``, ``update_running_stats`` (in place);
@@ -68,8 +70,9 @@ def _param_grads(x: Tensor, weight):
 
 # ------------------------------------------------------------------------------- fake impls
 @torch.library.register_fake("stochnorm_ext::segment_stats")
-def _(input, pieces):
-    return _table(input, input.shape[1], pieces), _table(input, input.shape[1], pieces)
+def _(input, pieces):  # float64 tables for every input dtype (csrc/ops.cpp)
+    shape = (input.shape[1], pieces)
+    return input.new_empty(shape, dtype=torch.float64), input.new_empty(shape, dtype=torch.float64)
 
 
 @torch.library.register_fake("stochnorm_ext::segment_apply")

@@ -132,12 +132,16 @@ class _TorchPasses:
 
     @staticmethod
     def stats(x: Tensor, pieces: int) -> Tuple[Tensor, Tensor]:
+        """float64 (mean, m2) per segment, as the kernels' segment_stats: computed on the
+        values minus each segment's first value, so that the means keep their digits at a
+        large common offset (segments and ranks are merged by their means' differences)."""
         xs = _segments(x, pieces)
         if xs.numel() == 0:
-            zeros = xs.new_zeros(xs.shape[1:3])
+            zeros = xs.new_zeros(xs.shape[1:3], dtype=torch.float64)
             return zeros, zeros.clone()
-        var, mean = torch.var_mean(xs, dim=(0, 3), correction=0)
-        return mean, var * (xs.shape[0] * xs.shape[3])
+        shift = xs[:1, :, :, :1]
+        var, mean = torch.var_mean(xs - shift, dim=(0, 3), correction=0)
+        return shift.reshape(mean.shape).double() + mean.double(), var.double() * (xs.shape[0] * xs.shape[3])
 
     @staticmethod
     def apply(x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -161,8 +165,8 @@ class _TorchPasses:
 
 class _KernelPasses:
     """The same passes on the backend's kernels, ``torch.ops.stochnorm_ext.segment_*``
-    (tables in the accumulation dtype; the ``.default`` overloads, as ``_ops.defaults``
-    calls them). Empty inputs go to the PyTorch passes."""
+    (tables in the accumulation dtype, statistics in float64; the ``.default`` overloads, as
+    ``_ops.defaults`` calls them). Empty inputs go to the PyTorch passes."""
 
     @staticmethod
     def stats(x, pieces):

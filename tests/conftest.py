@@ -47,6 +47,17 @@ def randomize_bn_(m, num_batches_tracked: int):
     return m
 
 
+def load_example(name: str):
+    """Import ``examples/<name>.py`` (not a package) as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -447,7 +447,7 @@ def test_core_ops_match_torch(device, fmt, pieces, dtype):
     mean, m2 = ops.segment_stats(x, pieces)
     segs = x.double().permute(1, 0, 2, 3).reshape(C, N, pieces, -1).transpose(1, 2).reshape(C, pieces, -1)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    assert mean.dtype == acc and mean.shape == (C, pieces)
+    assert mean.dtype == m2.dtype == torch.float64 and mean.shape == (C, pieces)  # statistics: float64 tables
     torch.testing.assert_close(mean.double(), segs.mean(-1), **tol)
     torch.testing.assert_close(m2.double(), ((segs - segs.mean(-1, keepdim=True)) ** 2).sum(-1), **tol)
     center = torch.randn(C, pieces, dtype=acc, device=device) + 3

@@ -11,19 +11,19 @@ import torch
 import torch.nn.functional as TF
 
 import stochnorm_ext as sx
-from stochnorm_ext import bench
+from stochnorm_ext.bench import baselines, cases, checks, cli, report, subjects, throughput, timing, traffic
 from stochnorm_ext import functional as SF
 
 
 # ----------------------------------------------------------------------------- bytes
 def test_minimum_and_two_pass_bytes():
     # 10 float32 values: 40 bytes per tensor.
-    assert bench.minimum_bytes("fwd", 10, 4) == 80        # read x, write y
-    assert bench.minimum_bytes("bwd", 10, 4) == 120       # read x, dy, write dx
-    assert bench.minimum_bytes("fwd+bwd", 10, 4) == 200
-    assert bench.two_pass_bytes("fwd", 10, 4) == 120      # read x twice, write y
-    assert bench.two_pass_bytes("bwd", 10, 4) == 200      # read x, dy twice, write dx
-    assert bench.two_pass_bytes("fwd+bwd", 10, 2) == 160  # bf16
+    assert traffic.minimum_bytes("fwd", 10, 4) == 80        # read x, write y
+    assert traffic.minimum_bytes("bwd", 10, 4) == 120       # read x, dy, write dx
+    assert traffic.minimum_bytes("fwd+bwd", 10, 4) == 200
+    assert traffic.two_pass_bytes("fwd", 10, 4) == 120      # read x twice, write y
+    assert traffic.two_pass_bytes("bwd", 10, 4) == 200      # read x, dy twice, write dx
+    assert traffic.two_pass_bytes("fwd+bwd", 10, 2) == 160  # bf16
 
 
 def test_kernel_bytes_asks_the_backend_and_falls_back():
@@ -40,62 +40,64 @@ def test_kernel_bytes_asks_the_backend_and_falls_back():
         def bytes_moved(layer, direction, numel, element_size):
             raise NotImplementedError
 
-    assert bench.kernel_bytes(Reports, "stoch_norm", "fwd", 100, 4) == 800
-    assert bench.kernel_bytes(Reports, "stoch_norm", "fwd+bwd", 100, 4) == 2000
-    assert bench.kernel_bytes(Reports, "bgn", "bwd", 100, 4) == 1201  # asked as batch_group_norm
-    assert bench.kernel_bytes(Silent, "cbn", "fwd", 100, 4) is None
-    assert bench.kernel_bytes(Raises, "cbn", "fwd", 100, 4) is None
+    assert traffic.kernel_bytes(Reports, "stoch_norm", "fwd", 100, 4) == 800
+    assert traffic.kernel_bytes(Reports, "stoch_norm", "fwd+bwd", 100, 4) == 2000
+    assert traffic.kernel_bytes(Reports, "bgn", "bwd", 100, 4) == 1201  # asked as batch_group_norm
+    assert traffic.kernel_bytes(Silent, "cbn", "fwd", 100, 4) is None
+    assert traffic.kernel_bytes(Raises, "cbn", "fwd", 100, 4) is None
 
 
 def test_op_bytes_counter_by_hand():
     x = torch.randn(1000)  # 4000 bytes
-    with bench.OpBytesCounter() as c:
+    with traffic.OpBytesCounter() as c:
         x * 2
     assert c.bytes == 8000                      # read x, write the result
-    with bench.OpBytesCounter() as c:
+    with traffic.OpBytesCounter() as c:
         x.view(10, 100)
     assert c.bytes == 0                         # a view moves nothing
     y = x.clone()
-    with bench.OpBytesCounter() as c:
+    with traffic.OpBytesCounter() as c:
         y.add_(1)
     assert c.bytes == 8000                      # read and write y
-    with bench.OpBytesCounter() as c:
+    with traffic.OpBytesCounter() as c:
         y.copy_(x)
     assert c.bytes == 8000                      # read x, write y (y is not read)
 
     x = torch.randn(4, 8, 5, 5)                 # 3200 bytes; per-channel tensors 32 bytes
     w, rm, rv = torch.ones(8), torch.zeros(8), torch.ones(8)
-    with bench.OpBytesCounter() as c:
+    with traffic.OpBytesCounter() as c:
         TF.batch_norm(x, rm, rv, w, w, True)
     # reads x + 4 per-channel tensors, writes y + mean + invstd, and a second pass over x.
     assert c.bytes == (3200 + 4 * 32) + (3200 + 2 * 32) + 3200
     xr = x.clone().requires_grad_()
     y = TF.batch_norm(xr, rm, rv, w, w, True)
     dy = torch.randn_like(y)
-    with bench.OpBytesCounter() as c:
+    with traffic.OpBytesCounter() as c:
         torch.autograd.grad(y, [xr], dy)
     # reads dy, x + 5 per-channel tensors, writes dx, and a second pass over dy and x.
     assert c.bytes == (2 * 3200 + 5 * 32) + 3200 + 2 * 3200
 
 
 def test_batch_norm_on_cpu_is_labelled_native():
-    assert bench.batch_norm_kind(torch.randn(2, 4, 3, 3)) == "native"
-    assert bench.batch_norm_kind(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)) == "native"
+    assert subjects.batch_norm_kind(torch.randn(2, 4, 3, 3)) == "native"
+    assert subjects.batch_norm_kind(torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)) == "native"
 
 
 def test_copies_for_cache():
     MB = 10**6
-    assert bench.copies_for_cache(10 * MB, 32 * MB) == 7   # 70 MB >= 2 x 32 MB
-    assert bench.copies_for_cache(500 * MB, 32 * MB) == 1
-    assert bench.copies_for_cache(1, 32 * MB) == 16          # capped
+    assert timing.copies_for_cache(10 * MB, 32 * MB) == 7   # 70 MB >= 2 x 32 MB
+    assert timing.copies_for_cache(500 * MB, 32 * MB) == 1
+    assert timing.copies_for_cache(1, 32 * MB) == 16          # capped
 
 
 # ----------------------------------------------------------------------------- metrics and table
 def _row(layer, impl, ms, moved=None, source="est", backend=None, direction="fwd"):
-    case = bench.Case("cpu", 2, 16, 8, 8, "float32", "nchw")
-    subject = bench.Subject(layer, impl, forward=None, params=[], backend=backend,
+    """A result row; ``ms``: one time (one round), a list of per-round times, or None."""
+    case = cases.Case("cpu", 2, 16, 8, 8, "float32", "nchw")
+    subject = subjects.Subject(layer, impl, forward=None, params=[], backend=backend,
                             bytes_source="-" if layer.startswith("conv+") else source)
-    return bench.row_for(case, subject, direction, ms, moved, source, 1, "timer")
+    rounds = ms if isinstance(ms, list) else [] if ms is None else [ms]
+    return throughput.row_for(case, subject, direction, rounds, moved, source, 1, "timer")
 
 
 def test_add_metrics_by_hand():
@@ -105,9 +107,9 @@ def test_add_metrics_by_hand():
             _row("stoch_norm", "cpu", 1.0, 2 * numel_bytes, "kernel", "cpu"),
             _row("conv+bn", "native", 4.0, source="-"),
             _row("conv+cbn", "cpu", 6.0, source="-", backend="cpu")]
-    checks = [bench.CheckResult("cpu", "cpu", "stoch_norm", "stoch_norm", "float32", True, 1e-7, 1e-4),
-              bench.CheckResult("cpu", "cpu", "cbn", "cbn", "float32", False, 1e-2, 1e-4)]
-    bench.add_metrics(rows, {"cpu": 0.01}, checks)  # copy bandwidth 0.01 GB/s = 1e7 B/s
+    results = [checks.CheckResult("cpu", "cpu", "stoch_norm", "stoch_norm", "float32", True, 1e-7, 1e-4),
+              checks.CheckResult("cpu", "cpu", "cbn", "cbn", "float32", False, 1e-2, 1e-4)]
+    throughput.add_metrics(rows, {"cpu": 0.01}, results)  # copy bandwidth 0.01 GB/s = 1e7 B/s
     bn, ref, ours, conv_bn, conv_cbn = rows
     assert bn["ratio_to_bn"] == 1.0 and bn["ratio_to_reference"] is None
     assert ref["ratio_to_bn"] == 4.0 and ref["ratio_to_reference"] == 1.0
@@ -122,13 +124,13 @@ def test_add_metrics_by_hand():
 
 
 def test_format_value():
-    assert bench.format_value("time_ms", 1.23456) == "1.235"
-    assert bench.format_value("time_ms", 1234.56) == "1235"
-    assert bench.format_value("ratio_to_bn", 1.5) == "1.50"
-    assert bench.format_value("gbps", 12.345) == "12.3"
-    assert bench.format_value("copy_fraction", 0.456) == "46%"
-    assert bench.format_value("gbps", None) == "-"
-    assert bench.format_value("check", "") == ""
+    assert report.format_value("time_ms", 1.23456) == "1.235"
+    assert report.format_value("time_ms", 1234.56) == "1235"
+    assert report.format_value("ratio_to_bn", 1.5) == "1.50"
+    assert report.format_value("gbps", 12.345) == "12.3"
+    assert report.format_value("copy_fraction", 0.456) == "46%"
+    assert report.format_value("gbps", None) == "-"
+    assert report.format_value("check", "") == ""
 
 
 def test_format_table_text_and_markdown():
@@ -137,78 +139,78 @@ def test_format_table_text_and_markdown():
             _row("stoch_norm", "cpu", 1.0, 2 * numel_bytes, "kernel", "cpu")]
     rows.append(_row("bgn", "cpu", None, backend="cpu"))
     rows[-1]["error"] = "RuntimeError: boom"
-    bench.add_metrics(rows, {"cpu": 0.01}, [])
-    text = bench.format_table(rows).splitlines()
+    throughput.add_metrics(rows, {"cpu": 0.01}, [])
+    text = report.format_table(rows).splitlines()
     assert text[0] == "== cpu 2x16x8x8 f32 nchw"
-    assert text[1].split() == ["layer", "impl", "dir", "ms", "/BN", "/ref", "GB/s", "%copy",
+    assert text[1].split() == ["layer", "impl", "dir", "ms", "/BN", "spread", "/ref", "GB/s", "%copy",
                                "bytes/min", "bytes", "check"]
-    # 2 x 8192 bytes in 1 ms = 0.0164 GB/s = 164% of 0.01 GB/s
-    assert text[3].split() == ["stoch_norm", "cpu", "fwd", "1", "0.50", "-", "0.0", "164%", "1.00", "kernel"]
+    # 2 x 8192 bytes in 1 ms = 0.0164 GB/s = 164% of 0.01 GB/s; one round: no spread
+    assert text[3].split() == ["stoch_norm", "cpu", "fwd", "1", "0.50", "-", "-", "0.0", "164%", "1.00", "kernel"]
     assert text[-1].strip() == "error: bgn/cpu fwd: RuntimeError: boom"
-    md = bench.format_table(rows, markdown=True).splitlines()
+    md = report.format_table(rows, markdown=True).splitlines()
     assert md[0] == "#### cpu 2x16x8x8 f32 nchw"
-    assert md[2] == "| layer | impl | dir | ms | /BN | /ref | GB/s | %copy | bytes/min | bytes | check |"
-    assert md[5] == "| stoch_norm | cpu | fwd | 1 | 0.50 | - | 0.0 | 164% | 1.00 | kernel |  |"
+    assert md[2] == "| layer | impl | dir | ms | /BN | spread | /ref | GB/s | %copy | bytes/min | bytes | check |"
+    assert md[5] == "| stoch_norm | cpu | fwd | 1 | 0.50 | - | - | 0.0 | 164% | 1.00 | kernel |  |"
 
 
 def test_update_markdown_replaces_only_its_section(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text("# Results\n\nintro\n\n<!-- bench:cpu:start -->\nold\n<!-- bench:cpu:end -->\n\nafter\n")
-    bench.update_markdown(str(path), "cpu", "new table")
-    bench.update_markdown(str(path), "cuda", "gpu table")
+    report.update_markdown(str(path), "cpu", "new table")
+    report.update_markdown(str(path), "cuda", "gpu table")
     text = path.read_text()
     assert "old" not in text and "new table" in text and "intro" in text and "after" in text
     assert text.index("after") < text.index("<!-- bench:cuda:start -->\ngpu table\n<!-- bench:cuda:end -->")
 
 
 def test_parse_shape():
-    assert bench.parse_shape("64x56x56") == (64, 56, 56)
+    assert cases.parse_shape("64x56x56") == (64, 56, 56)
     with pytest.raises(Exception, match="CxHxW"):
-        bench.parse_shape("64x56")
-    shapes = bench.parse_shape("resnet50")
+        cases.parse_shape("64x56")
+    shapes = cases.parse_shape("resnet50")
     assert len(shapes) == 12 and shapes[0] == (64, 112, 112) and shapes[-1] == (2048, 7, 7)
 
 
 def test_bgn_group_specs():
-    assert [bench.bgn_groups(spec, 64) for spec in ("C/4", "C/16", "c", "C", "2C", "4c")] == [16, 4, 64, 64, 128, 256]
-    assert bench.bgn_groups("C/16", 8) == 1                  # never zero groups
-    assert bench.bgn_label("C/4") == "bgn" and bench.bgn_label("2c") == "bgn G=2C"
-    assert bench.base_layer("bgn G=2C") == "bgn" and bench.base_layer("conv+cbn") == "conv+cbn"
+    assert [cases.bgn_groups(spec, 64) for spec in ("C/4", "C/16", "c", "C", "2C", "4c")] == [16, 4, 64, 64, 128, 256]
+    assert cases.bgn_groups("C/16", 8) == 1                  # never zero groups
+    assert cases.bgn_label("C/4") == "bgn" and cases.bgn_label("2c") == "bgn G=2C"
+    assert cases.base_layer("bgn G=2C") == "bgn" and cases.base_layer("conv+cbn") == "conv+cbn"
     for bad in ("4", "C/x", "C*2"):
         with pytest.raises(ValueError, match="C/k, C or kC"):
-            bench.bgn_groups(bad, 8)
-    assert bench.conv_in_channels(64, "1x1") == 16 and bench.conv_in_channels(64, "3x3") == 64
+            cases.bgn_groups(bad, 8)
+    assert cases.conv_in_channels(64, "1x1") == 16 and cases.conv_in_channels(64, "3x3") == 64
 
 
 def test_subjects_for_group_specs_and_3x3_conv():
-    case = bench.Case("cpu", 2, 8, 4, 4, "float32", "nchw")
-    subjects = bench.build_subjects(case, bench.LAYERS, ["reference"], "native", groups=["C/4", "2C"], conv="3x3")
-    assert [(s.layer, s.impl) for s in subjects if s.layer.startswith("bgn")] == [
+    case = cases.Case("cpu", 2, 8, 4, 4, "float32", "nchw")
+    built = subjects.build_subjects(case, cases.LAYERS, ["reference"], "native", groups=["C/4", "2C"], conv="3x3")
+    assert [(s.layer, s.impl) for s in built if s.layer.startswith("bgn")] == [
         ("bgn", "published"), ("bgn", "reference"), ("bgn G=2C", "published"), ("bgn G=2C", "reference")]
-    assert len(subjects) == len(bench.build_subject_names(bench.LAYERS, ["reference"], ["C/4", "2C"]))
-    x, dy = bench.make_inputs(case, 8, copies=1)[0]
-    for s in subjects:
+    assert len(built) == len(subjects.build_subject_names(cases.LAYERS, ["reference"], ["C/4", "2C"]))
+    x, dy = timing.make_inputs(case, 8, copies=1)[0]
+    for s in built:
         y = s.forward(x)  # conv subjects take C = 8 input channels with a 3x3 conv
         assert y.shape == x.shape, (s.layer, s.impl)
         torch.autograd.grad(y, [x] + s.params, dy)
     # BGN with G = 2C: the group count reaches the kernels (running statistics of 2C groups).
-    bgn2c = next(s for s in subjects if (s.layer, s.impl) == ("bgn G=2C", "reference"))
+    bgn2c = next(s for s in built if (s.layer, s.impl) == ("bgn G=2C", "reference"))
     assert bgn2c.forward.keywords["num_groups"] == 16 and bgn2c.forward.keywords["rm"].shape == (16,)
 
 
 def test_dry_run_needs_no_gpu(capsys):
     """The plan of a GPU run on the ResNet-50 shapes (what benchmarks/bench_triton.py planned)."""
-    assert bench.main(["--device", "cuda", "--dry-run", "--shapes", "resnet50", "--batches", "2", "8",
+    assert cli.main(["--device", "cuda", "--dry-run", "--shapes", "resnet50", "--batches", "2", "8",
                        "--dtypes", "bfloat16", "--memory-formats", "nchw", "channels_last",
                        "--backends", "triton", "--bgn-groups", "C/4", "C"]) == 0
     out = capsys.readouterr().out
     # subjects: bn, stoch_norm x2, bgn x2, bgn G=C x2, cbn, conv+bn, conv+cbn x2
-    assert "cuda: 48 cases x 11 subjects x 3 directions x 1 round(s); conv 1x1" in out
+    assert "cuda: 48 cases x 11 subjects x 3 directions x 5 round(s); conv 1x1" in out
     assert "bgn G=C/triton" in out
     # read x + write y = 2 x 2 bytes x 2*64*112*112 values = 6.1 MiB
     assert "2x64x112x112 bf16 nchw" in out and "fwd=6.1MiB bwd=9.2MiB fwd+bwd=15.3MiB" in out
     if not torch.cuda.is_available():
-        assert bench.main(["--device", "cuda", "--quick"]) == 2
+        assert cli.main(["--device", "cuda", "--quick"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
 
 
@@ -217,7 +219,7 @@ def test_dry_run_needs_no_gpu(capsys):
 def test_cli_runs_one_case_cuda(tmp_path):
     """A timed GPU case with the Triton backend (bf16, channels_last, the last ResNet-50 shape)."""
     out = tmp_path / "r.json"
-    assert bench.main(["--device", "cuda", "--backends", "triton", "--shapes", "2048x7x7", "--batches", "2",
+    assert cli.main(["--device", "cuda", "--backends", "triton", "--shapes", "2048x7x7", "--batches", "2",
                        "--dtypes", "bfloat16", "--memory-formats", "channels_last", "--rep-ms", "10",
                        "--no-progress", "--json", str(out)]) == 0
     rows = json.load(open(out))["rows"]
@@ -242,9 +244,9 @@ def test_published_stoch_norm_matches_reference(memory_format):
         xi, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
         rm, rv = (t.clone() for t in running)
         if published:
-            y = bench.published_stoch_norm(xi, rm, rv, w, b, mask)
+            y = baselines.published_stoch_norm(xi, rm, rv, w, b, mask)
         else:
-            y = SF.stoch_norm(xi, rm, rv, w, b, training=True, momentum=bench.MOMENTUM, eps=bench.EPS,
+            y = SF.stoch_norm(xi, rm, rv, w, b, training=True, momentum=cases.MOMENTUM, eps=cases.EPS,
                               mask=torch.from_numpy(mask).bool(), backend="reference")
         y.backward(dy)
         outputs.append([y, xi.grad, w.grad, b.grad, rm, rv])
@@ -265,10 +267,10 @@ def test_published_batch_group_norm_matches_reference(groups_of, memory_format):
         xi, w, b = (t.clone().requires_grad_() for t in (x, weight, bias))
         rm, rv = torch.zeros(G, dtype=torch.float64), torch.ones(G, dtype=torch.float64)
         if published:
-            y = bench.published_batch_group_norm(xi, G, rm, rv, w, b)
+            y = baselines.published_batch_group_norm(xi, G, rm, rv, w, b)
         else:
-            y = SF.batch_group_norm(xi, G, rm, rv, w, b, training=True, momentum=bench.MOMENTUM,
-                                    eps=bench.EPS, backend="reference")
+            y = SF.batch_group_norm(xi, G, rm, rv, w, b, training=True, momentum=cases.MOMENTUM,
+                                    eps=cases.EPS, backend="reference")
         y.backward(dy)
         outputs.append([y, xi.grad, w.grad, b.grad, rm, rv])
     for got, want in zip(*outputs):
@@ -280,15 +282,15 @@ def test_published_conv_cbn_matches_ours_over_steps():
     compensation is exercised: output, every gradient and the running statistics agree."""
     torch.manual_seed(3)
     cin, C = 3, 5
-    ours = sx.Conv2dCBN(cin, C, 3, padding=1, window=bench.CBN_WINDOW, momentum=bench.MOMENTUM,
-                        eps=bench.EPS, backend="reference").double()
+    ours = sx.Conv2dCBN(cin, C, 3, padding=1, window=cases.CBN_WINDOW, momentum=cases.MOMENTUM,
+                        eps=cases.EPS, backend="reference").double()
     with torch.no_grad():
         ours.norm.weight.copy_(_f64(C, scale=0.3, shift=1))
         ours.norm.bias.copy_(_f64(C, scale=0.2))
     conv_weight = ours.conv.weight.detach().clone().requires_grad_()
     gamma = ours.norm.weight.detach().clone().requires_grad_()
     beta = ours.norm.bias.detach().clone().requires_grad_()
-    published = bench.PublishedConvCBN(conv_weight, gamma, beta, padding=1)
+    published = baselines.PublishedConvCBN(conv_weight, gamma, beta, padding=1)
     published.running_mean, published.running_var = (published.running_mean.double(),
                                                       published.running_var.double())
     for step in range(6):
@@ -320,7 +322,7 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 def test_cli_end_to_end(tmp_path, capsys):
     paths = {k: str(tmp_path / f"out.{k}") for k in ("json", "csv", "png", "md")}
     plot = ["--plot", paths["png"]] if HAVE_MATPLOTLIB else []
-    status = bench.main(["--device", "cpu", "--quick", "--shapes", "8x4x4", "--batches", "2",
+    status = cli.main(["--device", "cpu", "--quick", "--shapes", "8x4x4", "--batches", "2",
                          "--min-run-time", "0.002", "--threads", "1", "--no-progress",
                          "--backends", "reference", "cpu",  # Triton under its interpreter is slow
                          "--json", paths["json"], "--csv", paths["csv"], "--markdown", paths["md"]]
@@ -334,7 +336,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     backends = report["environment"]["devices"]["cpu"]["backends_timed"]
     assert "reference" in backends
     timed = {(r["layer"], r["impl"], r["direction"]) for r in rows}
-    for direction in bench.DIRECTIONS:
+    for direction in cases.DIRECTIONS:
         assert ("bn", "native", direction) in timed and ("conv+bn", "native", direction) in timed
         for layer in ("stoch_norm", "bgn"):
             assert (layer, "published", direction) in timed
@@ -360,7 +362,7 @@ def test_cli_rounds_group_specs_and_3x3_conv(tmp_path, capsys):
     """The options that benchmarks/bench_cpu.py measured with: alternating rounds, BGN with
     G = 2C, conv + CBN with a 3x3 conv from C channels."""
     path = str(tmp_path / "out.json")
-    status = bench.main(["--device", "cpu", "--quick", "--shapes", "8x4x4", "--batches", "2", "--skip-checks",
+    status = cli.main(["--device", "cpu", "--quick", "--shapes", "8x4x4", "--batches", "2", "--skip-checks",
                          "--min-run-time", "0.002", "--threads", "1", "--no-progress", "--backends", "cpu",
                          "--rounds", "2", "--bgn-groups", "C/4", "2C", "--conv", "3x3", "--json", path])
     printed = capsys.readouterr().out
@@ -371,12 +373,12 @@ def test_cli_rounds_group_specs_and_3x3_conv(tmp_path, capsys):
     assert all(r["time_ms"] > 0 and not r["error"] for r in rows)
     bgn2c = next(r for r in rows if (r["layer"], r["impl"], r["direction"]) == ("bgn G=2C", "cpu", "fwd"))
     assert bgn2c["ratio_to_bn"] is not None and bgn2c["bytes_source"] == "est"
-    assert bench.main(["--rounds", "0", "--device", "cpu"]) == 2
+    assert cli.main(["--rounds", "0", "--device", "cpu"]) == 2
 
 
 def test_cli_help_names_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--help"])
+        cli.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--device", "--layers", "--backends", "--shapes", "--batches", "--dtypes",

@@ -1,23 +1,17 @@
 """The fine-tuning demo (examples/finetune_digits.py) runs end to end in its smoke mode."""
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
+from conftest import load_example
+
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load_demo():
-    path = os.path.join(ROOT, "examples", "finetune_digits.py")
-    spec = importlib.util.spec_from_file_location("finetune_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("finetune_digits")
 
 
 def test_smoke_run(tmp_path, capsys):

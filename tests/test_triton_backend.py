@@ -294,10 +294,29 @@ def test_half_precision(device, dtype, layer, groups, layout):
 @device_param
 @pytest.mark.parametrize("layer,groups", LAYERS, ids=LAYER_IDS)
 def test_float64(device, layer, groups):
-    """float64 inputs run the kernels in float64 (momentum and eps reach them as float32)."""
-    _compare(Case(layer, (3, 6, 2, 3), device, groups), dtype=torch.float64,
-             tol={"y": 1e-9, "dx": 1e-9, "dweight": 1e-9, "dbias": 1e-9, "running_mean": 1e-7,
-                  "running_var": 1e-7, "mu_t": 1e-9, "var_t": 1e-9})
+    """float64 inputs run the kernels in float64, exact to float64 rounding: no float32
+    constant or scalar (momentum, eps, reduction weights) on the path."""
+    _compare(Case(layer, (3, 6, 2, 3), device, groups), dtype=torch.float64, tol=1e-13)
+
+
+def test_float_scalars_are_float64_kernel_arguments(T):
+    """A Python float reaches a compiled kernel as a float32 scalar unless the parameter is
+    annotated: every float scalar of every kernel is tl.float64 (the interpreter keeps
+    Python floats as they are, so test_float64 cannot see this on a CPU)."""
+    import inspect
+    import triton.language as tl
+    float_params = {"momentum", "unbias", "inv_count", "eps"}
+    seen = set()
+    for name in dir(T._kernels):
+        kernel = getattr(T._kernels, name)
+        fn = getattr(kernel, "fn", None)
+        if not name.endswith("_kernel") or fn is None:
+            continue
+        for param in inspect.signature(fn).parameters.values():
+            if param.name in float_params:
+                seen.add(param.name)
+                assert param.annotation is tl.float64, f"{name}({param.name}): {param.annotation!r}"
+    assert seen == float_params
 
 
 @device_param
@@ -543,6 +562,14 @@ def test_package_imports_without_triton():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_source_checkout_runs_its_own_kernels(T):
+    """Run from a source checkout, the backend launches that checkout's triton_kernels/,
+    even where an editable install of another checkout maps the package name elsewhere."""
+    if os.path.isdir(os.path.join(os.path.dirname(T.__file__), "triton_kernels")):
+        pytest.skip("an installed package: its kernels live inside it")
+    assert os.path.dirname(os.path.abspath(T._kernels.__file__)) == os.path.join(ROOT, "triton_kernels")
 
 
 @pytest.mark.slow

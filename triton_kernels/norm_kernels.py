@@ -23,12 +23,25 @@ for BGN with G | C, else 1), so a statistic's segments are consecutive.
 Tiling. Every big kernel walks (positions x channels) tiles of [BLOCK_I, BLOCK_C]; its grid
 is (channel blocks * pieces, splits): each channel block's N * cdiv(piece_len, BLOCK_I)
 tiles are cut into ``splits`` contiguous ranges, so the reductions fill the GPU even with
-few channels. Partial results are stored per (segment, split) and merged in float32
-(Chan's parallel formula) by the small finalize kernels.
+few channels. Partial results are stored per (segment, split) and merged (Chan's parallel
+formula) by the small finalize kernels.
+
+Numerics. Statistics accumulate on values shifted by one value of their statistic (its
+first segment's first value, ``shift``): with a large common offset (1e6 + randn in
+float32) every mean and M2 then stays of the data's spread, and merging partials of
+several splits, lanes or channels (BGN groups) loses nothing to the offset's rounding. The
+shift is added back once, in the finalize kernels. Empty partials never multiply an
+overflowed square (0 * inf): huge inputs give an infinite variance, as in BatchNorm, never
+NaN.
 
 Accumulation happens in the element type of the statistics buffers the caller passes
-(float32, or float64 for float64 input); offsets are int64 (tensors over 2**31 elements).
-No RNG, atomics or libdevice: the kernels run under TRITON_INTERPRET=1 too.
+(float32, or float64 for float64 input). Float scalars (momentum, eps, ...) are float64
+kernel arguments (a plain Python float would reach a compiled kernel as float32), turned
+into the accumulation type where they meet a block (``_like``). The lanes' M2 terms are
+summed in float64: a float32 sum of a tile's thousands of squares would cost several
+float32 roundings of the variance.
+Offsets are int64 (tensors over 2**31 elements). No RNG, atomics or libdevice: the kernels
+run under TRITON_INTERPRET=1 too.
 """
 import triton
 import triton.language as tl
@@ -42,11 +55,12 @@ import triton.language as tl
 def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     """Chan et al.'s merge of two (count, mean, M2) summaries. Stable for data with a
     large common offset (only differences of means are squared); an empty summary
-    (count 0) is neutral."""
+    (count 0) is neutral, also when the square of the means' difference overflows."""
     count = count_a + count_b
     frac_b = count_b / tl.maximum(count, 1.0)
     delta = mean_b - mean_a
-    return count, mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b
+    spread = tl.where(count_a * frac_b > 0, delta * delta * count_a * frac_b, 0.0)
+    return count, mean_a + delta * frac_b, m2_a + m2_b + spread
 
 
 @triton.jit
@@ -54,20 +68,30 @@ def _merge_lanes(count, mean, m2, AXIS: tl.constexpr):
     """Merge the (count, mean, M2) lanes of a tile along AXIS in one step: the exact
     parallel formula, shifted by one lane's mean (``ref``) so that data with a large common
     offset keeps its digits: mean = ref + sum(n_l (mean_l - ref)) / n,
-    M2 = sum(M2_l + n_l (mean_l - mean)^2). Empty lanes (count 0) drop out. Plain sums
-    rather than tl.reduce with a combiner: the interpreter runs those element by element."""
+    M2 = sum(M2_l + n_l (mean_l - mean)^2). Empty lanes (count 0) drop out, even where
+    their (mean_l - mean)^2 overflows. Plain sums rather than tl.reduce with a combiner:
+    the interpreter runs those element by element."""
     total = tl.sum(count, AXIS)
     ref = tl.max(tl.where(count > 0, mean, float("-inf")), AXIS)
     ref = tl.where(total > 0, ref, 0.0)
     merged_mean = ref + tl.sum(count * (mean - tl.expand_dims(ref, AXIS)), AXIS) / tl.maximum(total, 1.0)
     d = mean - tl.expand_dims(merged_mean, AXIS)
-    return total, merged_mean, tl.sum(m2 + count * d * d, AXIS)
+    m2_terms = tl.where(count > 0, m2 + count * d * d, 0.0).to(tl.float64)
+    return total, merged_mean, tl.sum(m2_terms, AXIS).to(m2.dtype)
+
+
+@triton.jit
+def _like(value, like):
+    """A float scalar argument as a block of ``like``'s shape and dtype. Compiled, the
+    argument is a float64 tensor, which would promote a float32 block to float64; under
+    the interpreter it is a Python float, which takes the block's dtype."""
+    return (tl.zeros_like(like) + value).to(like.dtype)
 
 
 @triton.jit
 def _inv_std(var, eps):
     # 1/sqrt rather than rsqrt: the same code serves float32 and float64 statistics.
-    return 1.0 / tl.sqrt(var + eps)
+    return 1.0 / tl.sqrt(var + _like(eps, var))
 
 
 @triton.jit
@@ -112,17 +136,33 @@ def _statistic_of(channels, piece, pieces, channels_per_group):
     return (channels * pieces + piece) // channels_per_group
 
 
+@triton.jit
+def _shift_of(x_ptr, channels, channel_mask, piece, pieces, channels_per_group, C, s, piece_len,
+              CHANNELS_LAST: tl.constexpr):
+    """The shift of each channel's statistic: the first value (row group 0, first position)
+    of the statistic's first segment, so that every segment of a statistic shares it."""
+    first = (channels * pieces + piece) // channels_per_group * channels_per_group
+    channel = first // pieces
+    position = first % pieces * piece_len
+    if CHANNELS_LAST:
+        offsets = position * C + channel
+    else:
+        offsets = channel * s + position
+    return tl.load(x_ptr + offsets, mask=channel_mask, other=0.0)
+
+
 # ---------------------------------------------------------------------------------------
 # Forward: segment statistics (shared)
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
 def segment_stats_kernel(
-    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr,
-    C, pieces, n, s, piece_len, tiles_per_split,
+    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr,
+    C, pieces, channels_per_group, n, s, piece_len, tiles_per_split,
     CHANNELS_LAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Partial (count, mean, M2) of each segment over this program's tiles.
+    """Partial (count, mean, M2) of each segment over this program's tiles, of the values
+    minus their statistic's shift (``_shift_of``; split 0 stores it per statistic).
 
     Each lane runs Welford's update over the tiles it sees; the lanes are then merged by
     the parallel (Chan) formula. Output index: (channel * pieces + piece) * splits + split.
@@ -130,29 +170,34 @@ def segment_stats_kernel(
     ACC = part_mean_ptr.dtype.element_ty
     channels, channel_mask, piece, i_blocks, first, last = _program_tiles(
         C, pieces, n, piece_len, tiles_per_split, BLOCK_I, BLOCK_C)
+    shift = _shift_of(x_ptr, channels, channel_mask, piece, pieces, channels_per_group, C, s,
+                      piece_len, CHANNELS_LAST).to(ACC)
+    segment = channels * pieces + piece
+    tl.store(shift_ptr + segment // channels_per_group, shift,
+             mask=channel_mask & (segment % channels_per_group == 0) & (tl.program_id(1) == 0))
     count = tl.zeros([BLOCK_I, BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_I, BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_I, BLOCK_C], dtype=ACC)
     for tile in range(first, last):
         offsets, mask = _tile(tile, i_blocks, piece, channels, channel_mask, C, s, piece_len,
                               CHANNELS_LAST, BLOCK_I)
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC) - shift[None, :]
         count += mask.to(ACC)
         delta = x - mean
         mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
         m2 += tl.where(mask, delta * (x - mean), 0.0)
     count, mean, m2 = _merge_lanes(count, mean, m2, 0)
-    out = (channels * pieces + piece) * tl.num_programs(1) + tl.program_id(1)
+    out = segment * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_count_ptr + out, count, mask=channel_mask)
     tl.store(part_mean_ptr + out, mean, mask=channel_mask)
     tl.store(part_m2_ptr + out, m2, mask=channel_mask)
 
 
 @triton.jit
-def _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask, parts_per_stat,
-                    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, stat, stat_mask,
+                    parts_per_stat, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     """(count, mean, biased var) of statistics ``stat`` [BLOCK_K], each merged from its
-    ``parts_per_stat`` consecutive partials."""
+    ``parts_per_stat`` consecutive partials (of shifted values: the shift is added back)."""
     ACC = part_mean_ptr.dtype.element_ty
     count = tl.zeros([BLOCK_K], dtype=ACC)
     mean = tl.zeros([BLOCK_K], dtype=ACC)
@@ -167,6 +212,7 @@ def _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
             tl.load(part_mean_ptr + index, mask=mask, other=0.0),
             tl.load(part_m2_ptr + index, mask=mask, other=0.0), 1)
         count, mean, m2 = _chan_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+    mean += tl.load(shift_ptr + stat, mask=stat_mask, other=0.0)
     return count, mean, m2 / tl.maximum(count, 1.0)
 
 
@@ -174,8 +220,9 @@ def _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
 def _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                     batch_mean, batch_var, momentum, unbias):
     """EMA like nn.BatchNorm: the running variance takes the unbiased batch variance."""
-    new_mean = (1.0 - momentum) * old_mean + momentum * batch_mean
-    new_var = (1.0 - momentum) * old_var + momentum * (batch_var * unbias)
+    keep, take = _like(1.0 - momentum, old_mean), _like(momentum, old_mean)
+    new_mean = keep * old_mean + take * batch_mean
+    new_var = keep * old_var + take * (batch_var * _like(unbias, batch_var))
     tl.store(running_mean_ptr + stat, new_mean.to(running_mean_ptr.dtype.element_ty), mask=stat_mask)
     tl.store(running_var_ptr + stat, new_var.to(running_var_ptr.dtype.element_ty), mask=stat_mask)
 
@@ -203,9 +250,9 @@ def _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, center, 
 
 @triton.jit
 def batch_stats_finalize_kernel(
-    part_count_ptr, part_mean_ptr, part_m2_ptr,
+    part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr,
     center_ptr, var_ptr, red_weight_ptr, running_mean_ptr, running_var_ptr,
-    num_stats, parts_per_stat, momentum, unbias, inv_count,
+    num_stats, parts_per_stat, momentum: tl.float64, unbias: tl.float64, inv_count: tl.float64,
     UPDATE_RUNNING: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """BatchNorm / BGN: normalise with this batch's statistic (one per group).
@@ -215,9 +262,9 @@ def batch_stats_finalize_kernel(
     """
     stat = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     stat_mask = stat < num_stats
-    _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
+    _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, stat, stat_mask,
                                    parts_per_stat, BLOCK_K, BLOCK_P)
-    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mean, var, tl.zeros_like(mean) + inv_count)
+    _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mean, var, _like(inv_count, mean))
     if UPDATE_RUNNING:
         old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mean)
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
@@ -226,9 +273,9 @@ def batch_stats_finalize_kernel(
 
 @triton.jit
 def stoch_norm_finalize_kernel(
-    part_count_ptr, part_mean_ptr, part_m2_ptr, mask_ptr,
+    part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, mask_ptr,
     center_ptr, var_ptr, red_weight_ptr, running_mean_ptr, running_var_ptr,
-    num_stats, parts_per_stat, momentum, unbias, inv_count,
+    num_stats, parts_per_stat, momentum: tl.float64, unbias: tl.float64, inv_count: tl.float64,
     UPDATE_RUNNING: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """StochNorm: channel c uses the batch statistics where mask[c], else the running
@@ -240,12 +287,12 @@ def stoch_norm_finalize_kernel(
     """
     stat = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     stat_mask = stat < num_stats
-    _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
+    _, mean, var = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, stat, stat_mask,
                                    parts_per_stat, BLOCK_K, BLOCK_P)
     batch_branch = tl.load(mask_ptr + stat, mask=stat_mask, other=0) != 0
     old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mean)
     _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, tl.where(batch_branch, mean, old_mean),
-                  tl.where(batch_branch, var, old_var), tl.where(batch_branch, inv_count, 0.0).to(mean.dtype))
+                  tl.where(batch_branch, var, old_var), tl.where(batch_branch, _like(inv_count, mean), 0.0))
     if UPDATE_RUNNING:
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
                         mean, var, momentum, unbias)
@@ -253,10 +300,10 @@ def stoch_norm_finalize_kernel(
 
 @triton.jit
 def cross_iteration_finalize_kernel(
-    part_count_ptr, part_mean_ptr, part_m2_ptr,
+    part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr,
     past_mean_ptr, past_var_ptr, past_keep_ptr, num_past,
     mu_t_ptr, var_t_ptr, center_ptr, var_ptr, red_weight_ptr, running_mean_ptr, running_var_ptr,
-    num_stats, parts_per_stat, momentum, unbias, inv_count,
+    num_stats, parts_per_stat, momentum: tl.float64, unbias: tl.float64, inv_count: tl.float64,
     UPDATE_RUNNING: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """CBN: the current statistics (mu_t, var_t) averaged with the kept compensated past
@@ -270,7 +317,7 @@ def cross_iteration_finalize_kernel(
     """
     stat = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     stat_mask = stat < num_stats
-    _, mu_t, var_t = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, stat, stat_mask,
+    _, mu_t, var_t = _merge_partials(part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, stat, stat_mask,
                                      parts_per_stat, BLOCK_K, BLOCK_P)
     count = tl.zeros_like(mu_t) + 1.0
     mean_sum = mu_t
@@ -289,7 +336,7 @@ def cross_iteration_finalize_kernel(
     tl.store(mu_t_ptr + stat, mu_t, mask=stat_mask)
     tl.store(var_t_ptr + stat, var_t, mask=stat_mask)
     _store_tables(center_ptr, var_ptr, red_weight_ptr, stat, stat_mask, mu, (var_sum + spread) / count,
-                  inv_count / count)
+                  _like(inv_count, count) / count)
     if UPDATE_RUNNING:
         old_mean, old_var = _load_running(running_mean_ptr, running_var_ptr, stat, stat_mask, mu_t)
         _update_running(running_mean_ptr, running_var_ptr, stat, stat_mask, old_mean, old_var,
@@ -302,7 +349,7 @@ def cross_iteration_finalize_kernel(
 
 @triton.jit
 def norm_apply_kernel(
-    x_ptr, y_ptr, center_ptr, var_ptr, weight_ptr, bias_ptr, eps,
+    x_ptr, y_ptr, center_ptr, var_ptr, weight_ptr, bias_ptr, eps: tl.float64,
     C, pieces, channels_per_group, n, s, piece_len, tiles_per_split,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -365,7 +412,7 @@ def grad_reduce_kernel(
 
 @triton.jit
 def grad_finalize_kernel(
-    part_dy_ptr, part_dyxc_ptr, weight_ptr, var_ptr, red_weight_ptr, eps,
+    part_dy_ptr, part_dyxc_ptr, weight_ptr, var_ptr, red_weight_ptr, eps: tl.float64,
     k_x_ptr, k_0_ptr, dweight_ptr, dbias_ptr,
     C, num_stats, pieces, channels_per_group, splits,
     HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -424,7 +471,7 @@ def grad_finalize_kernel(
 
 @triton.jit
 def grad_apply_kernel(
-    dy_ptr, x_ptr, dx_ptr, center_ptr, var_ptr, weight_ptr, k_x_ptr, k_0_ptr, eps,
+    dy_ptr, x_ptr, dx_ptr, center_ptr, var_ptr, weight_ptr, k_x_ptr, k_0_ptr, eps: tl.float64,
     C, pieces, channels_per_group, n, s, piece_len, tiles_per_split,
     HAS_WEIGHT: tl.constexpr, HAS_REDUCTION: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,

@@ -32,12 +32,11 @@ using common::table_options;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in) {
-  at::Tensor mean = new_output({in.channels, in.pieces}, table_options(in));
-  at::Tensor m2 = new_output({in.channels, in.pieces}, table_options(in));
+  at::Tensor mean = new_output({in.channels, in.pieces}, common::stats_table_options(in));
+  at::Tensor m2 = new_output({in.channels, in.pieces}, common::stats_table_options(in));
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    kernel_table().get<scalar_t>().stats(in.geometry, in.x.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
-                                         m2.data_ptr<acc_t>());
+    kernel_table().get<scalar_t>().stats(in.geometry, in.x.const_data_ptr<scalar_t>(), mean.data_ptr<double>(),
+                                         m2.data_ptr<double>());
   });
   return {mean, m2};
 }

@@ -7,7 +7,8 @@
 //   grad_apply  dy, x, tables  -> dx = k_dy * dy + k_x * (x - center) + k_0
 //
 // Tables are (C, P) in the accumulation type (float; double for double input), P the pieces
-// each channel's flattened positions are cut into (1 unless BGN has G = P * C groups).
+// each channel's flattened positions are cut into (1 unless BGN has G = P * C groups); the
+// statistics (mean, m2) are double for every input (common::stats_table_options).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -31,7 +32,7 @@ using common::SegmentInput;
 template <typename scalar_t>
 struct SegmentKernels {
   using acc_t = at::opmath_type<scalar_t>;
-  void (*stats)(const SegmentGeometry&, const scalar_t* x, acc_t* mean, acc_t* m2);
+  void (*stats)(const SegmentGeometry&, const scalar_t* x, double* mean, double* m2);
   void (*apply)(const SegmentGeometry&, const scalar_t* x, const acc_t* center, const acc_t* scale,
                 const acc_t* shift, scalar_t* y);
   void (*grad_sums)(const SegmentGeometry&, const scalar_t* dy, const scalar_t* x, const acc_t* center,
@@ -72,7 +73,7 @@ using common::poison_outputs;
 using common::same_layout;
 using common::segment_input;
 
-// The four passes on tensors; tables are (C, P) in the accumulation type.
+// The four passes on tensors; tables are (C, P) in the accumulation type (statistics: double).
 std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in);
 at::Tensor segment_apply(const SegmentInput& in, const at::Tensor& center, const at::Tensor& scale,
                          const at::Tensor& shift);

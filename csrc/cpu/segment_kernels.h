@@ -10,9 +10,10 @@
 //
 // Accuracy of the statistics: values are taken in blocks that stay in L1, each block by two
 // passes (its mean, then the deviations from it: the corrected two-pass scheme), and blocks
-// are folded together with Chan's formula, in double. No E[x^2] - E[x]^2, so data with a large
-// common offset (1e4 + randn in float32) keeps its variance. Backward sums: per block in float,
-// blocks added in double.
+// are folded together with Chan's formula, in double, and stored in double (a float mean at a
+// large offset would lose the spread between the segments of a BGN group). No E[x^2] - E[x]^2,
+// so data with a large common offset (1e6 + randn in float32) keeps its variance. Backward
+// sums: per block in float, blocks added in double.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -520,8 +521,7 @@ struct InterleavedSplit {
 };
 
 template <typename scalar_t>
-void stats_kernel(const SegmentGeometry& g, const scalar_t* x, at::opmath_type<scalar_t>* mean_out,
-                  at::opmath_type<scalar_t>* m2_out) {
+void stats_kernel(const SegmentGeometry& g, const scalar_t* x, double* mean_out, double* m2_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.C, P = g.P, L = g.L, R = g.segments();
   if (!g.interleaved) {
@@ -559,8 +559,8 @@ void stats_kernel(const SegmentGeometry& g, const scalar_t* x, at::opmath_type<s
         const Moments& part = partial[r * split.chunks + chunk];
         m.merge(part.count, part.mean, part.m2);
       }
-      mean_out[r] = acc_t(m.mean);
-      m2_out[r] = acc_t(m.m2);
+      mean_out[r] = m.mean;
+      m2_out[r] = m.m2;
     }
     return;
   }
@@ -592,8 +592,8 @@ void stats_kernel(const SegmentGeometry& g, const scalar_t* x, at::opmath_type<s
         const int64_t slot = chunk * P + p;
         m.merge(double(part_count[slot]), part_mean[slot * C + c], part_m2[slot * C + c]);
       }
-      mean_out[c * P + p] = acc_t(m.mean);
-      m2_out[c * P + p] = acc_t(m.m2);
+      mean_out[c * P + p] = m.mean;
+      m2_out[c * P + p] = m.m2;
     }
   }
 }

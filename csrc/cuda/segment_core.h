@@ -6,7 +6,8 @@
 //   grad_sums   dy, x, center  -> sum dy, sum dy * (x - center) per segment
 //   grad_apply  dy, x, tables  -> dx = k_dy * dy + k_x * (x - center) + k_0
 //
-// Tables are (C, P) in the accumulation type (float; double for double input). Inputs are
+// Tables are (C, P) in the accumulation type (float; double for double input), the statistics
+// (mean, m2) in double for every input (common::stats_table_options). Inputs are
 // SegmentInputs (csrc/common.h): x dense in its output format and the geometry to walk it.
 // Every function runs on x's device (the caller holds a CUDAGuard) and the current stream.
 #pragma once

@@ -92,69 +92,68 @@ __device__ __forceinline__ void for_each_interleaved_tile(const WalkGeometry& g,
 }
 
 // ------------------------------------------------------------------------------ statistics
-// Single split (out_count == nullptr): the final mean (shift added back) and m2 go to
-// out_mean[segment], out_m2[segment]. Several splits: partials of the shifted values go to
-// out_*[split * segments + segment] and the blocks of split 0 write each segment's shift to
-// out_shift[segment], which merge_stats_kernel adds back.
+// Single split (part_count == nullptr): the final mean (shift added back, in double) and m2
+// go to the double tables mean[segment], m2[segment]. Several splits: partials of the shifted
+// values go to part_*[split * segments + segment] and the blocks of split 0 write each
+// segment's shift to part_shift[segment], which merge_stats_kernel adds back.
+template <typename acc_t>
+struct StatsOut {
+  acc_t* part_count;
+  acc_t* part_mean;
+  acc_t* part_m2;
+  acc_t* part_shift;
+  double* mean;
+  double* m2;
+
+  __device__ __forceinline__ void store(int64_t split, int64_t segments, int64_t segment, acc_t shift,
+                                        acc_t count, acc_t mean_shifted, acc_t m2_value) const {
+    if (part_count == nullptr) {
+      mean[segment] = double(shift) + double(mean_shifted);
+      m2[segment] = double(m2_value);
+      return;
+    }
+    const int64_t i = split * segments + segment;
+    part_count[i] = count;
+    part_mean[i] = mean_shifted;
+    part_m2[i] = m2_value;
+    if (split == 0) part_shift[segment] = shift;
+  }
+};
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    planar_stats_kernel(WalkGeometry g, const scalar_t* __restrict__ x, acc_type<scalar_t>* __restrict__ out_count,
-                        acc_type<scalar_t>* __restrict__ out_mean, acc_type<scalar_t>* __restrict__ out_m2,
-                        acc_type<scalar_t>* __restrict__ out_shift) {
+    planar_stats_kernel(WalkGeometry g, const scalar_t* __restrict__ x, StatsOut<acc_type<scalar_t>> out) {
   const int64_t segments = g.segments();
   for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
     auto m = planar_thread_stats<scalar_t, V>(g, x, r, first, stride);
     m = block_reduce(m, 1);
-    if (threadIdx.x == 0) {
-      const auto shift = planar_shift(g, x, r);
-      const int64_t i = int64_t(blockIdx.y) * segments + r;
-      if (out_count == nullptr) {
-        out_mean[i] = shift + m.mean[0];
-      } else {
-        out_count[i] = m.count;
-        out_mean[i] = m.mean[0];
-        if (blockIdx.y == 0) out_shift[r] = shift;
-      }
-      out_m2[i] = m.m2[0];
-    }
+    if (threadIdx.x == 0) out.store(blockIdx.y, segments, r, planar_shift(g, x, r), m.count, m.mean[0], m.m2[0]);
   });
 }
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    interleaved_stats_kernel(WalkGeometry g, const scalar_t* __restrict__ x,
-                             acc_type<scalar_t>* __restrict__ out_count, acc_type<scalar_t>* __restrict__ out_mean,
-                             acc_type<scalar_t>* __restrict__ out_m2, acc_type<scalar_t>* __restrict__ out_shift) {
+    interleaved_stats_kernel(WalkGeometry g, const scalar_t* __restrict__ x, StatsOut<acc_type<scalar_t>> out) {
   const int64_t segments = g.segments();
   for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
     auto m = interleaved_thread_stats<scalar_t, V>(g, x, cv, p, first, stride);
     m = block_reduce(m, blockDim.x);
     if (threadIdx.y == 0 && cv * V < g.C) {
       for (int k = 0; k < V; ++k) {
-        const auto shift = interleaved_shift(g, x, cv, p, k, V);
-        const int64_t segment = interleaved_segment(g, cv, p, k, V);
-        const int64_t i = int64_t(blockIdx.y) * segments + segment;
-        if (out_count == nullptr) {
-          out_mean[i] = shift + m.mean[k];
-        } else {
-          out_count[i] = m.count;
-          out_mean[i] = m.mean[k];
-          if (blockIdx.y == 0) out_shift[segment] = shift;
-        }
-        out_m2[i] = m.m2[k];
+        out.store(blockIdx.y, segments, interleaved_segment(g, cv, p, k, V), interleaved_shift(g, x, cv, p, k, V),
+                  m.count, m.mean[k], m.m2[k]);
       }
     }
   });
 }
 
 // One block per segment merges its `splits` partials (thread t takes splits t, t + blockDim.x, ...)
-// and adds the segment's shift back to the mean.
+// and adds the segment's shift back to the mean, in double.
 template <typename acc_t>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     merge_stats_kernel(int64_t segments, int64_t splits, const acc_t* __restrict__ part_count,
                        const acc_t* __restrict__ part_mean, const acc_t* __restrict__ part_m2,
-                       const acc_t* __restrict__ shift, acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+                       const acc_t* __restrict__ shift, double* __restrict__ mean, double* __restrict__ m2) {
   for (int64_t s = blockIdx.x; s < segments; s += gridDim.x) {
     Moments<acc_t, 1> m;
     m.reset();
@@ -167,8 +166,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     }
     m = block_reduce(m, 1);
     if (threadIdx.x == 0) {
-      mean[s] = shift[s] + m.mean[0];
-      m2[s] = m.m2[0];
+      mean[s] = double(shift[s]) + double(m.mean[0]);
+      m2[s] = double(m.m2[0]);
     }
   }
 }

@@ -25,33 +25,32 @@ void launch_stats(const common::SegmentGeometry& geo, const scalar_t* x, at::Ten
   const LaunchShape shape = plan(geo, V, kMaxReduceSplits);
   const int64_t segments = g.segments();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // One split: the blocks write the final tables. Several: partials [split][segment], merged after.
+  // One split: the blocks write the final (double) tables. Several: partials [split][segment]
+  // in the accumulation type, merged after.
   at::Tensor part_count, part_mean, part_m2, part_shift;
-  acc_t *out_count = nullptr, *out_mean = mean.data_ptr<acc_t>(), *out_m2 = m2.data_ptr<acc_t>();
-  acc_t* out_shift = nullptr;
+  StatsOut<acc_t> out{nullptr, nullptr, nullptr, nullptr, mean.data_ptr<double>(), m2.data_ptr<double>()};
   if (shape.splits > 1) {
-    part_count = at::empty({shape.splits, segments}, mean.options());
-    part_mean = at::empty({shape.splits, segments}, mean.options());
-    part_m2 = at::empty({shape.splits, segments}, mean.options());
-    part_shift = at::empty({segments}, mean.options());
-    out_count = part_count.data_ptr<acc_t>();
-    out_mean = part_mean.data_ptr<acc_t>();
-    out_m2 = part_m2.data_ptr<acc_t>();
-    out_shift = part_shift.data_ptr<acc_t>();
+    const at::TensorOptions acc = mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    part_count = at::empty({shape.splits, segments}, acc);
+    part_mean = at::empty({shape.splits, segments}, acc);
+    part_m2 = at::empty({shape.splits, segments}, acc);
+    part_shift = at::empty({segments}, acc);
+    out.part_count = part_count.data_ptr<acc_t>();
+    out.part_mean = part_mean.data_ptr<acc_t>();
+    out.part_m2 = part_m2.data_ptr<acc_t>();
+    out.part_shift = part_shift.data_ptr<acc_t>();
   }
   if (geo.interleaved) {
-    interleaved_stats_kernel<scalar_t, V>
-        <<<grid_of(shape), block_of(shape), 0, stream>>>(g, x, out_count, out_mean, out_m2, out_shift);
+    interleaved_stats_kernel<scalar_t, V><<<grid_of(shape), block_of(shape), 0, stream>>>(g, x, out);
   } else {
-    planar_stats_kernel<scalar_t, V>
-        <<<grid_of(shape), block_of(shape), 0, stream>>>(g, x, out_count, out_mean, out_m2, out_shift);
+    planar_stats_kernel<scalar_t, V><<<grid_of(shape), block_of(shape), 0, stream>>>(g, x, out);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (shape.splits > 1) {
     merge_stats_kernel<acc_t><<<merge_blocks(segments), merge_threads(shape.splits), 0, stream>>>(
         segments, shape.splits, part_count.const_data_ptr<acc_t>(), part_mean.const_data_ptr<acc_t>(),
-        part_m2.const_data_ptr<acc_t>(), part_shift.const_data_ptr<acc_t>(), mean.data_ptr<acc_t>(),
-        m2.data_ptr<acc_t>());
+        part_m2.const_data_ptr<acc_t>(), part_shift.const_data_ptr<acc_t>(), mean.data_ptr<double>(),
+        m2.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -91,8 +90,8 @@ void launch_grad_sums(const common::SegmentGeometry& geo, const scalar_t* dy, co
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in) {
-  at::Tensor mean = common::new_output({in.channels, in.pieces}, common::table_options(in));
-  at::Tensor m2 = common::new_output({in.channels, in.pieces}, common::table_options(in));
+  at::Tensor mean = common::new_output({in.channels, in.pieces}, common::stats_table_options(in));
+  at::Tensor m2 = common::new_output({in.channels, in.pieces}, common::stats_table_options(in));
   if (mean.numel() == 0) return {mean, m2};
   if (in.x.numel() == 0) {  // no values: empty moments, as the CPU core gives
     mean.zero_();

@@ -1,0 +1,101 @@
+"""``python -m stochnorm_ext.bench``: check the three layers, then time them against BatchNorm.
+
+Per device (CPU, and CUDA when present; ``--device`` picks):
+
+1. Checks the reference against ``nn.BatchNorm2d`` where they coincide, then each layer on
+   each available backend against the float64 reference, with the checks of
+   ``stochnorm_ext.selfcheck`` (PASS/FAIL and the max relative error; Triton on CPU runs
+   under its interpreter: checked, not timed).
+2. Measures the copy bandwidth, ``dst.copy_(src)`` on a 256 MiB buffer, with the same
+   timer: the ceiling of a memory-bound kernel.
+3. Times the training forward (``fwd``), the backward alone (``bwd``, the graph kept and
+   backpropagated again) and both (``fwd+bwd``) of, on each case (shape, batch, dtype,
+   memory format):
+
+   ``bn``        ``F.batch_norm`` in training, the baseline. Its label names the kernel that
+                 ran (``cudnn`` or ``native``: on CUDA, fp32/fp16 go to cuDNN when it is
+                 enabled, bf16 never does; on CPU it is always ``native``).
+   ``stoch_norm``  our backends, and ``published``: two ``F.batch_norm`` calls (moving
+                 branch ``training=False`` on the running buffers, batch branch
+                 ``training=True``) mixed by a per-channel mask drawn on the host with
+                 NumPy and moved to the device, as in the published code.
+   ``bgn``       our backends (``G = C/4``), and ``published``: reshape to ``(N, G, -1)``,
+                 ``F.batch_norm``, per-channel affine (the paper's description).
+                 ``--bgn-groups`` times other group counts as well, as rows
+                 ``bgn G=<spec>`` (``C`` is BatchNorm on our kernels, ``2C`` cuts each
+                 channel in two spatial pieces).
+   ``cbn``       the normalisation step of our CBN backends with a full window of 3
+                 compensated past entries (the backend op, without conv or Jacobians).
+   ``conv+bn``   a 1x1 conv from C/4 channels (the conv before every C-channel BN of a
+                 ResNet-50 bottleneck) + ``F.batch_norm``: the baseline of ``conv+cbn``;
+                 ``--conv 3x3``: a 3x3 conv from C channels (padding 1) instead.
+   ``conv+cbn``  the same conv + a whole CBN step (window 4): ``published`` (statistics
+                 and their Jacobians from ``torch.autograd.grad`` of the channel mean and
+                 mean of squares w.r.t. the conv weight, as the released code does) and our
+                 ``Conv2dCBN`` per backend.
+
+
+The table (one per case) and the legend printed under it (also written into the markdown)
+explain every column and flag: time (ms), time relative to the baseline (``/BN``;
+``conv+*`` rows relative to ``conv+bn``; lower is better) with its spread over the rounds,
+relative to our reference backend (``/ref``), GB/s at the bytes moved, that as a fraction
+of the copy bandwidth, and the bytes moved relative to the minimum. Where the bytes come
+from (``bytes`` column):
+
+  ``kernel``  the backend module's ``bytes_moved(layer, direction, numel, element_size)``
+              (``layer``: ``stoch_norm``, ``batch_group_norm`` or
+              ``cross_iteration_norm``; ``direction``: ``fwd`` or ``bwd``);
+  ``est``     a two-pass estimate: fwd reads x twice and writes y; bwd reads x and dy
+              twice and writes dx (BatchNorm kernels, and backends without
+              ``bytes_moved``);
+  ``ops``     counted while running: every aten op reads its tensor inputs and writes its
+              outputs once (views are free; a training batch-norm op makes the extra pass
+              of the estimate above). For the eager compositions (reference, published).
+  ``-``       conv rows: a conv is not memory-bound, only the time ratio is meaningful.
+
+Timing: on CUDA ``triton.testing.do_bench`` (median; it clears the L2 cache before every
+run) when Triton is importable, else CUDA events (median) with the inputs rotated over
+enough copies that the working set is twice the L2 cache; on CPU
+``torch.utils.benchmark.Timer.blocked_autorange`` (median of blocks) with the inputs
+rotated over twice the last-level cache. Everything is warmed up first.
+
+Right on a shared machine by default:
+
+- CPU threads are chosen for the load (``--threads auto``): 1 thread on 2 cores or fewer,
+  or when the 1-minute load average leaves fewer than 2 cores idle (OpenMP threads wait at
+  every parallel region for a descheduled sibling, so timings jump by scheduler slices);
+  else the idle cores. The header says what was chosen and why; ``--threads N`` overrides
+  (with a warning when N is more than the load allows).
+- With one CPU thread the clock is the thread's CPU time (``time.thread_time``): every op
+  of a step, autograd's backward included, runs on the calling thread, so it counts the
+  step's work and not the time the thread waited for a core taken by another process.
+  With more threads it is the wall clock. The header names the clock.
+- Every timing is taken in ``--rounds`` alternating rounds (default 5): each round times
+  every subject once, baseline first in one round and last in the next, so a burst of
+  background load lands on both sides of a ratio. A row's time is the median over the
+  rounds; its ratios are the medians of the per-round ratios.
+- A row whose per-round ratio to the baseline spreads more than ``--max-spread``
+  ((max - min) / median, the fastest and slowest round left out from 5 rounds on;
+  default 25%) prints ``noisy (spread N%)`` instead of the ratio.
+- fwd+bwd must not be faster than fwd (or bwd) alone: when it took less than 90% of
+  either in every round, both rows print ``inconsistent: fwd+bwd < fwd`` instead.
+
+No output holds an absolute path of the machine: the recorded command is
+``python -m stochnorm_ext.bench`` with the arguments as one re-runs them from the
+repository root. ``--dry-run`` prints the plan (cases, subjects, bytes, threads) and runs
+nothing; it needs no GPU for ``--device cuda``. Training forwards update running
+statistics (and CBN windows) of the timed layers; the drift is accepted (the values stay
+finite) and the checks use their own inputs.
+
+Modules, one concern each: ``cases`` (what is run on), ``subjects`` and ``baselines``
+(what is timed), ``traffic`` (bytes moved), ``timing``, ``environment`` (threads, load,
+paths), ``checks``, ``throughput`` (the layers-against-BatchNorm section), ``report``,
+``plot``, ``cli``.
+
+Exit status 1 if a check fails or a benchmark raises (flagged rows are reported, not
+failures).
+"""
+from stochnorm_ext import selfcheck  # noqa: F401 (sets TRITON_INTERPRET before Triton loads)
+from stochnorm_ext.bench.cli import main  # noqa: E402
+
+__all__ = ["main"]
