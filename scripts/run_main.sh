@@ -8,7 +8,7 @@ for arg in "$@"; do
     cat <<'USAGE'
 usage: ./scripts/run_main.sh [BENCHMARK OPTIONS]
 
-Sets up .venv (scripts/setup_venv.sh: the first time ~5.5 GB of packages and a C++ build, a few
+Sets up .venv (scripts/setup_venv.sh: the first time ~3 GB of packages to download and a C++ build, a few
 minutes; later only what changed, seconds), then runs python -m stochnorm_ext.bench with the
 options given: the self-check of every backend against the reference, then the benchmark.
 Set-up switches (environment): FORCE_CUDA=1/0, TORCH_CUDA_ARCH_LIST, MAX_JOBS, PYTHON.

@@ -7,7 +7,7 @@ for arg in "$@"; do
     cat <<'USAGE'
 usage: ./scripts/run_tests.sh [PYTEST ARGUMENTS]
 
-Sets up .venv (scripts/setup_venv.sh: the first time ~5.5 GB of packages and a C++ build, a few
+Sets up .venv (scripts/setup_venv.sh: the first time ~3 GB of packages to download and a C++ build, a few
 minutes; later only what changed, seconds), then runs python -m pytest -q with the arguments
 given, e.g. tests/test_modules.py, -k NAME, -x, -m "not slow" (pytest's own options:
 .venv/bin/python -m pytest --help). Without a GPU, GPU tests skip and the Triton kernels run
