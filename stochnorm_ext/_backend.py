@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Dict, Optional
 
 import torch
+
+from . import _extension
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "STOCHNORM_EXT_BACKEND"
@@ -68,19 +71,42 @@ def preload() -> None:
     import importlib.util
     for name in ("reference", "cpu", "cuda"):
         _load(name)
-    if (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1") \
-            and importlib.util.find_spec("triton") is not None:
+    if _load("cpu") is None and _extension.expected():
+        # Said once, at import: everything would silently run on the (slower) reference.
+        warnings.warn(f"stochnorm_ext runs on the pure-PyTorch reference: {_missing['cpu']}",
+                      RuntimeWarning, stacklevel=2)
+    if _usable_here("triton") is None and importlib.util.find_spec("triton") is not None:
         _load("triton")
 
 
+def _usable_here(name: str) -> Optional[str]:
+    """Why an installed (compiled-in) backend still cannot run in this process, or None."""
+    if name == "cuda" and not torch.cuda.is_available():
+        return ("compiled in, but not usable here: no CUDA device is visible "
+                "(torch.cuda.is_available() is False)")
+    if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("not usable here: no CUDA device is visible, and on CPU tensors the Triton kernels run "
+                "only under Triton's interpreter (TRITON_INTERPRET=1 set before stochnorm_ext is imported)")
+    return None
+
+
 def backends() -> Dict[str, Optional[str]]:
-    """Every backend name mapped to ``None`` if it is available here, else the reason why not.
+    """Every backend name mapped to ``None`` if it can run here, else the reason why not:
+    not installed or not built (the reason says what is missing and how to fix it), or
+    installed but without a device to run on (``cuda`` compiled in on a machine with no GPU).
 
     >>> import stochnorm_ext as sx
     >>> sx.backends()["reference"] is None
     True
     """
-    return {name: (None if _load(name) is not None else _missing[name]) for name in BACKEND_NAMES}
+    return {name: _reason(name) for name in BACKEND_NAMES}
+
+
+def _reason(name: str) -> Optional[str]:
+    unusable = _usable_here(name)
+    if name == "triton" and unusable:
+        return unusable  # not imported: its kernels must be defined under the interpreter, if at all
+    return _missing[name] if _load(name) is None else unusable
 
 
 def available_backends():

@@ -14,8 +14,8 @@ from torch import Tensor
 
 try:
     from ._ops import defaults as ops
-except ImportError as exc:  # not built (or built against another torch)
-    UNAVAILABLE = f"the compiled extension stochnorm_ext._C could not be loaded ({exc})"
+except ImportError as exc:  # not built (or built against another torch): the message says which
+    UNAVAILABLE = str(exc)
     ops = None
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm"]

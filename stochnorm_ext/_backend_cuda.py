@@ -7,10 +7,10 @@ three layer functions are the device-agnostic wrappers of ``_backend_cpu`` (same
 and semantics as ``reference.py``, see ``_backend.py``); this module re-exports them and
 says whether CUDA kernels were compiled into the extension.
 
-``UNAVAILABLE`` is set when the extension is missing or was built without CUDA (nvcc or a
-CUDA build of torch absent at build time, or ``FORCE_CUDA=0``). A machine without a GPU
-but with a CUDA build still lists the backend as available; ``_backend`` only ever selects
-it for CUDA tensors.
+``UNAVAILABLE`` is set when the extension is missing or was built without CUDA (no GPU
+visible at build time and no ``FORCE_CUDA=1``, nvcc or a CUDA build of torch absent, or
+``FORCE_CUDA=0``): the kernels are not compiled in. Compiled in on a machine without a GPU,
+the backend is still not usable there: ``_backend.backends()`` says so.
 """
 from __future__ import annotations
 
@@ -40,13 +40,13 @@ def _missing_cuda_kernels():
 
 try:
     from . import _ops  # noqa: F401  (loads _C: schemas, CPU and, if built, CUDA kernels)
-except ImportError as exc:  # not built (or built against another torch)
-    UNAVAILABLE = f"the compiled extension stochnorm_ext._C could not be loaded ({exc})"
+except ImportError as exc:  # not built (or built against another torch): the message says which
+    UNAVAILABLE = str(exc)
 else:
     _missing = _missing_cuda_kernels()
     if len(_missing) == len(CUDA_OPS):
-        UNAVAILABLE = ("stochnorm_ext._C was built without CUDA kernels (rebuild with nvcc and a CUDA "
-                       "build of torch present, or FORCE_CUDA=1)")
+        UNAVAILABLE = ("not compiled in: stochnorm_ext._C was built without CUDA kernels (they are built "
+                       "where a GPU is visible, or with FORCE_CUDA=1; both need nvcc and a CUDA build of torch)")
     elif _missing:
         UNAVAILABLE = f"stochnorm_ext._C has no CUDA kernel for {', '.join(_missing)}"
     del _missing

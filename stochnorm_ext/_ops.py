@@ -1,6 +1,7 @@
 """Python side of the compiled ops ``torch.ops.stochnorm_ext.*`` (schemas: ``csrc/ops.cpp``).
 
-Importing this module loads ``stochnorm_ext._C`` (raises ImportError when it is not built) and
+Importing this module loads ``stochnorm_ext._C`` (raises ImportError, saying what is missing and
+how to fix it, when it is not built or does not load: ``_extension.load``) and
 registers, for every op, a fake (meta) implementation for torch.compile / FakeTensor, and for
 the differentiable ones an autograd formula. These registrations are device-independent: a
 CUDA build registers its kernels under the CUDA key of the same schemas and reuses them.
@@ -23,11 +24,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the shared library, which registers the schemas and CPU kernels)
+from ._extension import load as _load_extension
 # The memory format the kernels give an output: channels_last(_3d) for such inputs, else
 # contiguous (``output_format`` in csrc/common.h follows the same rule).
 from ._checks import memory_format_of
 
+_load_extension()  # the shared library registers the schemas and the CPU (and CUDA) kernels
 ops = torch.ops.stochnorm_ext
 
 __all__ = ["ops", "defaults"]

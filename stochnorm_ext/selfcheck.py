@@ -4,8 +4,13 @@ For each device here (CPU, and CUDA when present), each backend available on it 
 layer, the backend runs a training step on random data and is compared with the float64
 reference: output, gradients of input/weight/bias, running statistics (and CBN's window).
 The reference itself is checked against ``torch.nn.BatchNorm2d`` on the identities of
-SPEC.md (StochNorm p=1, BGN G=C, CBN window 1). Prints one line per check and exits with
-status 1 if any fails. Without a GPU the Triton backend runs under Triton's interpreter.
+SPEC.md (StochNorm p=1, BGN G=C, CBN window 1). Without a GPU the Triton backend runs under
+Triton's interpreter.
+
+Prints one line per check, then which backends were checked and which were not, and why.
+Exit status: 1 if a check fails; 2 if no compiled kernels (``cpu``/``cuda`` backends) could
+be checked, e.g. a source tree without its build, so that only the pure-PyTorch reference
+(and Triton) ran, unless ``--allow-reference-only`` says that is fine; else 0.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from stochnorm_ext.cbn_window import CBNWindow  # noqa: E402
 # Max error relative to the reference's largest magnitude, per input dtype (float64: every
 # backend is exact to float64 rounding, ~1e-15).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# The backends that run the compiled extension stochnorm_ext._C.
+COMPILED = ("cpu", "cuda")
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -87,31 +94,34 @@ def _run(layer: str, backend: str, case: dict, dtype: torch.dtype):
             "running_var": rv, **extra}
 
 
+def backends_to_check(devices) -> list:
+    """The (device, backend) pairs checked: every backend usable here, on each device it runs on."""
+    return [(device, backend) for device in devices for backend in sx.available_backends()
+            if _backend._supports(backend, torch.device(device))]
+
+
 def check_backends(devices, dtypes) -> list:
     results = []
     layers = ("stoch_norm", "bgn_G|C", "bgn_G=2C", "cbn")
-    for device in devices:
-        for backend in sx.available_backends():
-            if not _backend._supports(backend, torch.device(device)):
-                continue
-            for layer in layers:
-                case = _case_inputs(layer, device)
-                want = _run(layer, "reference", case, torch.float64)
-                for dtype in dtypes:
-                    if backend == "reference" and dtype == torch.float64:
-                        continue  # the float64 reference is the oracle itself
-                    start = time.perf_counter()
-                    try:
-                        got = _run(layer, backend, case, dtype)
-                        errors = [_rel_err(got[k], want[k]) for k in want]
-                        # max() would drop a NaN that is not first: any NaN fails the check
-                        err = float("nan") if any(e != e for e in errors) else max(errors)
-                        ok = err <= TOLERANCE[dtype]
-                        detail = f"max rel err {err:.2e} (tol {TOLERANCE[dtype]:.0e})"
-                    except Exception as exc:  # report, keep checking the rest
-                        ok, detail = False, f"{type(exc).__name__}: {exc}"
-                    ms = (time.perf_counter() - start) * 1e3
-                    results.append((ok, f"{device:4s} {backend:9s} {layer:10s} {str(dtype)[6:]:8s} {detail} [{ms:.0f} ms]"))
+    for device, backend in backends_to_check(devices):
+        for layer in layers:
+            case = _case_inputs(layer, device)
+            want = _run(layer, "reference", case, torch.float64)
+            for dtype in dtypes:
+                if backend == "reference" and dtype == torch.float64:
+                    continue  # the float64 reference is the oracle itself
+                start = time.perf_counter()
+                try:
+                    got = _run(layer, backend, case, dtype)
+                    errors = [_rel_err(got[k], want[k]) for k in want]
+                    # max() would drop a NaN that is not first: any NaN fails the check
+                    err = float("nan") if any(e != e for e in errors) else max(errors)
+                    ok = err <= TOLERANCE[dtype]
+                    detail = f"max rel err {err:.2e} (tol {TOLERANCE[dtype]:.0e})"
+                except Exception as exc:  # report, keep checking the rest
+                    ok, detail = False, f"{type(exc).__name__}: {exc}"
+                ms = (time.perf_counter() - start) * 1e3
+                results.append((ok, f"{device:4s} {backend:9s} {layer:10s} {str(dtype)[6:]:8s} {detail} [{ms:.0f} ms]"))
     return results
 
 
@@ -140,15 +150,33 @@ def check_identities() -> list:
     return results
 
 
+def coverage(devices) -> tuple:
+    """Lines saying which backends were checked and which were not (and why), and the names
+    of those checked."""
+    pairs = backends_to_check(devices)
+    lines, said = [], {}
+    for name, reason in sx.backends().items():
+        on = [device for device, backend in pairs if backend == name]
+        if on:
+            lines.append(f"checked      {name:9s} on {', '.join(on)}")
+            continue
+        why = reason or f"runs on none of the devices checked ({', '.join(devices)})"
+        lines.append(f"NOT checked  {name:9s} {f'(same reason as {said[why]})' if why in said else why}")
+        said.setdefault(why, name)
+    return lines, list(dict.fromkeys(backend for _, backend in pairs))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", action="append", choices=["cpu", "cuda"],
                         help="devices to check (default: cpu, and cuda when present)")
+    parser.add_argument("--allow-reference-only", action="store_true",
+                        help="exit 0 even if no compiled kernels could be checked (only the pure-PyTorch "
+                             "reference, and Triton, ran): for a copy of the package without its build")
     args = parser.parse_args(argv)
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    print(f"stochnorm_ext {sx.__version__}, torch {torch.__version__}, devices {devices}")
-    for name, reason in sx.backends().items():
-        print(f"  backend {name:9s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"stochnorm_ext {sx.__version__} from {os.path.dirname(sx.__file__)}, torch {torch.__version__}, "
+          f"devices {devices}")
     results = check_identities()
     dtypes = [torch.float64, torch.float32, torch.bfloat16]
     results += check_backends(devices, dtypes)
@@ -156,7 +184,16 @@ def main(argv=None) -> int:
         print(("PASS " if ok else "FAIL ") + line)
     failed = sum(not ok for ok, _ in results)
     print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    lines, checked = coverage(devices)
+    print("\n".join(lines))
+    if failed:
+        return 1
+    if not set(checked) & set(COMPILED):
+        print(f"NO COMPILED KERNELS CHECKED: only {', '.join(checked)} ran; the compiled kernels (backends "
+              f"{' and '.join(COMPILED)}) could not be checked, see why above. Exit status 2; pass "
+              "--allow-reference-only if that is what you want.")
+        return 0 if args.allow_reference_only else 2
+    return 0
 
 
 if __name__ == "__main__":

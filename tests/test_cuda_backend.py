@@ -82,17 +82,23 @@ def test_every_op_has_a_cuda_kernel():
 
 
 def test_backend_availability_matches_the_build():
-    """The cuda backend is available exactly when the extension has CUDA kernels."""
+    """The cuda backend is compiled in exactly when the extension has CUDA kernels, and usable
+    when besides a GPU is visible; ``backends()`` tells the two apart (CI: compiled in, no GPU)."""
     from stochnorm_ext import _backend_cuda
+    reason = sx.backends()["cuda"]
     try:
         from stochnorm_ext import _ops  # noqa: F401
     except ImportError:
-        assert _backend_cuda.UNAVAILABLE
+        assert _backend_cuda.UNAVAILABLE and reason == _backend_cuda.UNAVAILABLE
         return
     has = [torch._C._dispatch_has_kernel_for_dispatch_key(f"stochnorm_ext::{n}", "CUDA")
            for n in _backend_cuda.CUDA_OPS]
     assert (_backend_cuda.UNAVAILABLE is None) == all(has)
-    assert (sx.backends()["cuda"] is None) == all(has)
+    assert (reason is None) == (all(has) and torch.cuda.is_available()), reason
+    if not all(has):
+        assert "not compiled in" in reason, reason
+    elif not torch.cuda.is_available():
+        assert reason.startswith("compiled in, but not usable here: no CUDA device"), reason
 
 
 @gpu

@@ -2,8 +2,8 @@
 // (csrc/cuda/segment_walk.h), runnable without a GPU:
 //
 //   c++ -std=c++17 -O1 -Wall -Wextra -Wno-unknown-pragmas -I<torch>/include
-//       csrc/cuda/tests/walk_check.cpp -L<torch>/lib -lc10 -Wl,-rpath,<torch>/lib -o /tmp/walk_check
-//   /tmp/walk_check
+//       csrc/cuda/tests/walk_check.cpp -L<torch>/lib -lc10 -Wl,-rpath,<torch>/lib -o walk_check
+//   ./walk_check
 //
 // (tests/test_cuda_backend.py::test_walk_check_on_host does exactly that.) For many geometries,
 // both layouts, every dtype, packed and scalar access and several launch shapes, it replays every
