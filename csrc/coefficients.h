@@ -1,7 +1,7 @@
 // The per-layer part of the three layers: tiny O(C) coefficient math between the big passes.
 //
 // Every layer is "stats pass -> coefficients -> apply pass" forward and "reduce pass ->
-// coefficients -> apply pass" backward (DESIGN.md). The big passes are shared kernels that
+// coefficients -> apply pass" backward (docs/DESIGN.md). The big passes are shared kernels that
 // work on per-segment tables (segment = the values one statistic covers inside one channel,
 // indexed s = c * P + p for channel c and piece p); this header holds everything else.
 //

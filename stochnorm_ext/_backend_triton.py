@@ -16,7 +16,7 @@ A statistics op returns per statistic (centre, variance, reduction weight); it i
 differentiable (it takes x detached, and PyTorch allows no autograd formula on an op that
 mutates its inputs). The dependence of the statistics on x is folded into the apply op's
 backward through the reduction weight (1/M, mask/M or 1/(count_c M)), so the gradient is
-exact. Statistics and apply stay separate ops, as DESIGN.md asks (a distributed version
+exact. Statistics and apply stay separate ops, as docs/DESIGN.md asks (a distributed version
 would all-reduce between them).
 
 Dtypes: float32/float16/bfloat16 inputs accumulate in float32; float64 inputs run the

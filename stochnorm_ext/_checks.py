@@ -1,7 +1,7 @@
 """Input validation shared by the functional API and the modules.
 
 Every check runs before any state is touched, so a call that raises leaves running
-statistics and layer state exactly as they were (SPEC.md, shared rules).
+statistics and layer state exactly as they were (docs/SPEC.md, shared rules).
 """
 from __future__ import annotations
 
@@ -140,5 +140,5 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
 
 
 def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics accumulate in float32, or float64 for float64 input (SPEC.md)."""
+    """Statistics accumulate in float32, or float64 for float64 input (docs/SPEC.md)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32

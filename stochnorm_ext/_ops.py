@@ -208,7 +208,7 @@ def _cbn_backward(ctx, grad_y, *unused):
     x, weight, center, invstd, past_keep = ctx.saved_tensors
     grad_x, grad_w, grad_b = defaults.cross_iteration_norm_backward(grad_y, x, weight, center, invstd,
                                                                     past_keep, ctx.use_batch_stats)
-    # The compensated past statistics are constants (SPEC.md): no gradient flows into them.
+    # The compensated past statistics are constants (docs/SPEC.md): no gradient flows into them.
     return (_grad_for(ctx, 0, grad_x), _param_grad(ctx, 1, grad_w, None),
             _param_grad(ctx, 2, grad_b, ctx.bias_dtype), None, None, None, None, None, None, None)
 

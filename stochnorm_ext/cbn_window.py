@@ -1,4 +1,4 @@
-"""The window of Cross-Iteration BN: storage, Taylor compensation and Jacobians (SPEC.md).
+"""The window of Cross-Iteration BN: storage, Taylor compensation and Jacobians (docs/SPEC.md).
 
 This part of CBN is backend-independent plain PyTorch: it is O(window x weight size)
 per step, tiny next to the normalisation itself except for the Jacobian ``dvar``, which

@@ -52,7 +52,7 @@ def _copy_running(src: nn.Module, dst: nn.Module, mean: torch.Tensor, var: torch
 
 
 def _pooled_group_stats(mean: torch.Tensor, var: torch.Tensor, num_groups: int):
-    """BN running statistics -> BGN group statistics (SPEC.md): for G | C the group pools its
+    """BN running statistics -> BGN group statistics (docs/SPEC.md): for G | C the group pools its
     channels (mean of means; mean of variances plus the spread of the means); for G = m*C each
     channel's statistics are replicated to its m pieces."""
     C = mean.numel()

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations: the executable form of SPEC.md.
+"""Pure-PyTorch reference implementations: the executable form of docs/SPEC.md.
 
 Written for clarity, never for speed. Every compiled backend is tested against these
 functions (in float64 where possible). Gradients come from autograd through the plain
@@ -66,7 +66,7 @@ def stoch_norm(
     running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: float, eps: float,
     update_stats: bool = True,
 ) -> Tensor:
-    """StochNorm (SPEC.md). In training, channel c is normalised with this batch's
+    """StochNorm (docs/SPEC.md). In training, channel c is normalised with this batch's
     statistics where ``mask[c]`` is True, else with the running statistics as they were
     *before* this step's update; the running statistics are then updated from the batch
     statistics, whatever the mask. Eval is plain BatchNorm with the running statistics.
@@ -98,7 +98,7 @@ def batch_group_norm(
     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
     momentum: float, eps: float, update_stats: bool = True,
 ) -> Tensor:
-    """Batch Group Normalization (SPEC.md): each sample flattened in logical ``(C, *S)``
+    """Batch Group Normalization (docs/SPEC.md): each sample flattened in logical ``(C, *S)``
     order and cut into ``num_groups`` contiguous pieces; one mean/variance per group over
     the batch and the piece, ``M = N * C * S / G``. This is the paper's
     ``reshape(N, G, -1)`` with statistics over dims 0 and 2; ``reshape`` follows the
@@ -141,7 +141,7 @@ def cross_iteration_norm(
     past_mean: Tensor, past_var: Tensor, past_keep: Tensor,
     training: bool, momentum: float, eps: float, update_stats: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The normalisation step of Cross-Iteration BN (SPEC.md).
+    """The normalisation step of Cross-Iteration BN (docs/SPEC.md).
 
     ``past_mean``/``past_var`` (K, C) are the compensated statistics of the stored steps
     (constants: no gradient flows into them), ``past_keep`` (K, C) bool says which of them

@@ -4,7 +4,7 @@ For each device here (CPU, and CUDA when present), each backend available on it 
 layer, the backend runs a training step on random data and is compared with the float64
 reference: output, gradients of input/weight/bias, running statistics (and CBN's window).
 The reference itself is checked against ``torch.nn.BatchNorm2d`` on the identities of
-SPEC.md (StochNorm p=1, BGN G=C, CBN window 1). Without a GPU the Triton backend runs under
+docs/SPEC.md (StochNorm p=1, BGN G=C, CBN window 1). Without a GPU the Triton backend runs under
 Triton's interpreter.
 
 Prints one line per check, then which backends were checked and which were not, and why.
@@ -126,7 +126,7 @@ def check_backends(devices, dtypes) -> list:
 
 
 def check_identities() -> list:
-    """The reference against torch.nn.BatchNorm2d where SPEC.md says they coincide."""
+    """The reference against torch.nn.BatchNorm2d where docs/SPEC.md says they coincide."""
     results = []
     x = torch.randn(4, 8, 5, 5, dtype=torch.float64) * 3 + 1
     layers = {

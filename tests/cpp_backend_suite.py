@@ -1,4 +1,4 @@
-"""The tests the two C++ backends share, against ``stochnorm_ext.reference`` (the executable SPEC.md).
+"""The tests the two C++ backends share, against ``stochnorm_ext.reference`` (the executable docs/SPEC.md).
 
 Not collected by itself (the name does not start with ``test_``): tests/test_cpu_backend.py
 and tests/test_cuda_backend.py import every test below and define the ``device`` fixture

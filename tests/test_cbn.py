@@ -18,7 +18,7 @@ TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 class PublishedCBN:
     """CBN the way the published code computes it, with eps inside the square root (our
-    convention) and the burn-in of SPEC.md (the first ``burnin`` steps are plain BN and
+    convention) and the burn-in of docs/SPEC.md (the first ``burnin`` steps are plain BN and
     store nothing). Past steps live in Python lists, newest first: (mu, nu, dmu/dW, dnu/dW,
     W) with the Jacobians from torch.autograd.grad of the channel mean and mean of squares.
     """

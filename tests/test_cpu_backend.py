@@ -1,4 +1,4 @@
-"""The C++ CPU backend (``csrc/cpu/``) against ``stochnorm_ext.reference`` (the executable SPEC.md).
+"""The C++ CPU backend (``csrc/cpu/``) against ``stochnorm_ext.reference`` (the executable docs/SPEC.md).
 
 The tests shared with the CUDA backend live in tests/cpp_backend_suite.py (every layer,
 dtype, memory format and a set of edge shapes; module state over several steps; gradcheck;

@@ -1,4 +1,4 @@
-"""The CUDA C++ backend (``csrc/cuda/``) against ``stochnorm_ext.reference`` (the executable SPEC.md).
+"""The CUDA C++ backend (``csrc/cuda/``) against ``stochnorm_ext.reference`` (the executable docs/SPEC.md).
 
 The tests shared with the CPU backend live in tests/cpp_backend_suite.py (every layer,
 dtype, memory format -- misaligned by a storage offset too, so that the kernels take their

@@ -1,4 +1,4 @@
-"""Bad input (SPEC.md, shared rules): the right exception, a message naming what was
+"""Bad input (docs/SPEC.md, shared rules): the right exception, a message naming what was
 expected and what was given, and no state touched by the failed call. N == 0 inputs."""
 import pytest
 import torch

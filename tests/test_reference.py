@@ -1,4 +1,4 @@
-"""The reference implementations (the executable form of SPEC.md) against torch's own
+"""The reference implementations (the executable form of docs/SPEC.md) against torch's own
 BatchNorm and against independent formulations written here, plus gradcheck, numerics at
 a large common offset and half precision.
 

@@ -1,6 +1,6 @@
 """Triton kernels shared by StochNorm, Batch Group Norm and Cross-Iteration BN.
 
-All three layers are batch normalisation with different statistics (DESIGN.md), so the
+All three layers are batch normalisation with different statistics (docs/DESIGN.md), so the
 big, memory-bound passes are written once::
 
     forward   segment_stats_kernel     x          -> partial (count, mean, M2) per segment and split

@@ -20,7 +20,7 @@ def published_stoch_norm(x: Tensor, running_mean: Tensor, running_var: Tensor, w
 
     One change: the moving branch gets a snapshot of the running buffers (two (C,) clones),
     because the batch branch updates them in place and autograd saved them by reference
-    (SPEC.md: otherwise its gradient uses the updated variance). So it computes exactly
+    (docs/SPEC.md: otherwise its gradient uses the updated variance). So it computes exactly
     what the reference computes, at the published cost.
     """
     shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -45,7 +45,7 @@ def published_batch_group_norm(x: Tensor, num_groups: int, running_mean: Tensor,
 
 class PublishedConvCBN:
     """conv + CBN as the released CBN code (Yao et al., ``CBatchNorm2d``) computes a
-    training step, with ``out_p=True`` (eps inside the square root, as SPEC.md).
+    training step, with ``out_p=True`` (eps inside the square root, as docs/SPEC.md).
 
     The statistics are raw moments of the conv output transposed to ``(C, N*H*W)``; their
     Jacobians w.r.t. the conv weight come from ``torch.autograd.grad`` (retain_graph=True,
