@@ -191,7 +191,9 @@ setup(
     packages=["stochnorm_ext", "stochnorm_ext.bench", "stochnorm_ext.triton_kernels"],
     package_dir={"stochnorm_ext": "stochnorm_ext", "stochnorm_ext.triton_kernels": "triton_kernels"},
     install_requires=[TORCH_REQUIREMENT],
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark"],
+                    # python -m stochnorm_ext.bench (matplotlib only for --plot)
+                    "bench": ["numpy", "matplotlib"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt},
     zip_safe=False,

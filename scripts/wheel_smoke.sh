@@ -51,7 +51,14 @@ for make in (lambda b: sx.StochNorm2d(8, backend=b), lambda b: sx.BatchGroupNorm
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 import importlib.util
 assert importlib.util.find_spec("stochnorm_ext.triton_kernels") is not None
-# The main job ships in the wheel: python -m stochnorm_ext.bench.
-assert importlib.util.find_spec("stochnorm_ext.bench.__main__") is not None
+# The main job ships in the wheel: python -m stochnorm_ext.bench. This venv has no numpy (an
+# extra, "bench"), so it must stop with an error that says how to install it.
+import importlib.resources, subprocess, sys
+assert (importlib.resources.files("stochnorm_ext") / "bench" / "__main__.py").is_file()
+run = subprocess.run([sys.executable, "-m", "stochnorm_ext.bench", "--help"], capture_output=True, text=True)
+if importlib.util.find_spec("numpy") is None:
+    assert run.returncode != 0 and "stochnorm_ext[bench]" in run.stderr, run.stderr[-800:]
+else:
+    assert run.returncode == 0, run.stderr[-800:]
 print("wheel smoke test passed")
 PY

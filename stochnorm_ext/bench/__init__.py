@@ -95,7 +95,15 @@ paths), ``checks``, ``throughput`` (the layers-against-BatchNorm section), ``rep
 Exit status 1 if a check fails or a benchmark raises (flagged rows are reported, not
 failures).
 """
-from stochnorm_ext import selfcheck  # noqa: F401 (sets TRITON_INTERPRET before Triton loads)
+try:  # the one dependency the package itself does not declare (extra "bench")
+    import numpy  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        "python -m stochnorm_ext.bench needs numpy (and matplotlib for --plot), which stochnorm_ext "
+        "itself does not require: pip install numpy matplotlib, or pip install 'stochnorm_ext[bench]'"
+    ) from exc
+
+from stochnorm_ext import selfcheck  # noqa: F401,E402 (sets TRITON_INTERPRET before Triton loads)
 from stochnorm_ext.bench.cli import main  # noqa: E402
 
 __all__ = ["main"]
