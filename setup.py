@@ -189,7 +189,6 @@ setup(
     classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12",
                  "Programming Language :: C++", "Environment :: GPU :: NVIDIA CUDA"],
     packages=["stochnorm_ext", "stochnorm_ext.bench", "stochnorm_ext.triton_kernels"],
-    package_dir={"stochnorm_ext": "stochnorm_ext", "stochnorm_ext.triton_kernels": "triton_kernels"},
     install_requires=[TORCH_REQUIREMENT],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark"],
                     # python -m stochnorm_ext.bench (matplotlib only for --plot)

@@ -15,7 +15,7 @@ echo "built $(basename "$sdist") and, from it, $(basename "$wheel")"
 # The sdist carries the headers, CUDA sources and tests (MANIFEST.in).
 listing=$(tar -tzf "$sdist")
 for f in csrc/common.h csrc/coefficients.h csrc/cuda/segment_walk.h csrc/cuda/layers_cuda.cu \
-         triton_kernels/norm_kernels.py tests/conftest.py; do
+         stochnorm_ext/triton_kernels/norm_kernels.py tests/conftest.py; do
   grep -q "/$f\$" <<<"$listing" || { echo "sdist lacks $f"; exit 1; }
 done
 python3 -m venv "$work/venv"

@@ -31,11 +31,8 @@ Without Triton (or with a torch older than 2.6) the module still imports and set
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
-import sys
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -62,27 +59,6 @@ TUNING = {
     "programs": None,         # programs a big kernel aims for; None: 8 per SM, 2 interpreter
     "num_warps": 4,
 }
-
-
-def _import_kernels():
-    """``stochnorm_ext.triton_kernels.norm_kernels``. Installed, the package maps the
-    repository's ``triton_kernels/`` folder there (setup.py); run from a source checkout
-    (PYTHONPATH=repo, an editable install), the checkout's own folder is registered under
-    that name here, even where an editable install of another checkout maps the name to
-    that checkout's folder."""
-    name = f"{__package__}.triton_kernels"
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
-    installed = os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_kernels"))
-    if installed or not os.path.isfile(os.path.join(folder, "__init__.py")):
-        return importlib.import_module(name + ".norm_kernels")
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
-    if spec is None:
-        raise ImportError(f"no Triton kernels found: neither {name} nor {folder}")
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[name] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module(name + ".norm_kernels")
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,7 +210,7 @@ def _accumulate_dtype(x: Tensor) -> torch.dtype:
 if UNAVAILABLE is None:
     from torch.library import triton_op, wrap_triton
 
-    _kernels = _import_kernels()
+    from .triton_kernels import norm_kernels as _kernels
     # Module-level names: torch's triton_op finds the kernels of an op (for its compile
     # cache key) by reading the source for wrap_triton(<global name>).
     segment_stats_kernel = _kernels.segment_stats_kernel

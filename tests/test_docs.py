@@ -119,10 +119,10 @@ def test_readme_bash_commands_exist(tmp_path):
 
 
 def test_readme_paths_exist():
-    """Every scripts/, examples/, benchmarks/, tests/ ... file the README names is there."""
+    """Every scripts/, examples/, benchmarks/, tests/, stochnorm_ext/, docs/ ... file the README names is there."""
     with open(README) as f:
         text = f.read()
-    names = set(re.findall(r"(?<![\w/.-])((?:scripts|examples|benchmarks|tests|csrc|triton_kernels|\.ci)"
+    names = set(re.findall(r"(?<![\w/.-])((?:scripts|examples|benchmarks|tests|csrc|stochnorm_ext|docs|\.ci)"
                            r"/[\w./-]*\w)", text))
     assert "scripts/setup_venv.sh" in names, names
     missing = sorted(n for n in names if not os.path.exists(os.path.join(ROOT, n)))

@@ -77,8 +77,6 @@ def _unbuilt_tree(tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(os.path.join(ROOT, "stochnorm_ext"), tree / "stochnorm_ext",
                     ignore=shutil.ignore_patterns("_C*", "__pycache__"))
-    shutil.copytree(os.path.join(ROOT, "triton_kernels"), tree / "triton_kernels",
-                    ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(os.path.join(ROOT, "csrc"), tree / "csrc")
     shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
     assert not glob.glob(str(tree / "stochnorm_ext" / "_C*"))

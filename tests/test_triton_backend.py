@@ -556,7 +556,7 @@ def test_package_imports_without_triton():
         "assert reason and 'triton' in reason, reason\n"
         "from stochnorm_ext import _backend_triton as T\n"
         "assert T.UNAVAILABLE\n"
-        f"spec = importlib.util.spec_from_file_location('tk', os.path.join({ROOT!r}, 'triton_kernels', '__init__.py'))\n"
+        f"spec = importlib.util.spec_from_file_location('tk', os.path.join({ROOT!r}, 'stochnorm_ext', 'triton_kernels', '__init__.py'))\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "print('ok')\n")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -564,12 +564,11 @@ def test_package_imports_without_triton():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
-def test_source_checkout_runs_its_own_kernels(T):
-    """Run from a source checkout, the backend launches that checkout's triton_kernels/,
-    even where an editable install of another checkout maps the package name elsewhere."""
-    if os.path.isdir(os.path.join(os.path.dirname(T.__file__), "triton_kernels")):
-        pytest.skip("an installed package: its kernels live inside it")
-    assert os.path.dirname(os.path.abspath(T._kernels.__file__)) == os.path.join(ROOT, "triton_kernels")
+def test_backend_runs_its_own_packages_kernels(T):
+    """The backend launches the kernels of its own package (they live inside it), even where
+    an editable install of another checkout is on the path."""
+    assert os.path.dirname(os.path.abspath(T._kernels.__file__)) == \
+        os.path.join(os.path.dirname(os.path.abspath(T.__file__)), "triton_kernels")
 
 
 @pytest.mark.slow
@@ -582,7 +581,7 @@ def test_kernels_compile_for_sm90():
     like the compiler (this caught a loop-carried type change). Slow: minutes on 2 cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "triton_kernels", "compile_check.py"), "--quick"],
+    out = subprocess.run([sys.executable, "-m", "stochnorm_ext.triton_kernels.compile_check", "--quick"],
                          env=env, capture_output=True, text=True, timeout=880, cwd=ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
 

@@ -10,14 +10,12 @@ produces is compiled exactly as on a GPU. Nothing runs and the outputs are meani
     python -m stochnorm_ext.triton_kernels.compile_check [--arch 90]
 
 Run it without TRITON_INTERPRET. Exits non-zero on the first compile error. From a source
-checkout: ``PYTHONPATH=. python triton_kernels/compile_check.py``.
+checkout, run it from the repository root.
 """
 import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the checkout importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _install_compile_only_driver(arch: int) -> None:

@@ -1,5 +1,5 @@
-"""Triton kernels of stochnorm_ext, installed as ``stochnorm_ext.triton_kernels``
-(a top-level ``triton_kernels`` would clash with the package of that name Triton ships).
+"""Triton kernels of stochnorm_ext (not a top-level ``triton_kernels``: that name would
+clash with the package Triton ships).
 Importing this package must not require Triton: kernels live in submodules.
 
 - ``norm_kernels``: the shared segment-statistics / apply / backward kernels and the
