@@ -13,7 +13,7 @@ input) with ``torch.var_mean``, which is stable for data with a large common off
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -44,11 +44,22 @@ def _finish(y: Tensor, x: Tensor) -> Tensor:
 @torch.no_grad()
 def update_running_stats(
     running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
-    count: int, momentum: float,
+    count: Union[int, Tensor], momentum: Optional[float], num_batches_tracked: Optional[Tensor] = None,
 ) -> None:
     """EMA update exactly like ``nn.BatchNorm``: the running variance takes the unbiased
-    batch variance ``var * M / (M - 1)``; ``momentum`` is the factor already resolved
-    (``1 / num_batches_tracked`` when the module's momentum is None)."""
+    batch variance ``var * M / (M - 1)`` (``count`` = M, an int or a tensor). When
+    ``num_batches_tracked`` is given it is incremented first; ``momentum=None`` then takes the
+    cumulative factor ``1 / num_batches_tracked`` from the tensor (no host synchronisation)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise RuntimeError("update_running_stats: momentum=None (cumulative average) needs num_batches_tracked")
+        momentum = 1.0 / num_batches_tracked.to(running_mean.dtype)
+        unbiased_var = batch_var * (count / (count - 1))
+        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype) * momentum)
+        running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype) * momentum)
+        return
     unbiased_var = batch_var * (count / (count - 1))
     running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
     running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
@@ -63,8 +74,8 @@ def _eval_batch_norm(x, weight, bias, running_mean, running_var, eps) -> Tensor:
 
 def stoch_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
-    running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: float, eps: float,
-    update_stats: bool = True,
+    running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: Optional[float], eps: float,
+    update_stats: bool = True, num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """StochNorm (docs/SPEC.md). In training, channel c is normalised with this batch's
     statistics where ``mask[c]`` is True, else with the running statistics as they were
@@ -89,14 +100,16 @@ def stoch_norm(
     y = _finish(_affine(z, weight, bias), x)
     if update_stats:
         count = xf.numel() // xf.shape[1]
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum)
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
+                             num_batches_tracked)
     return y
 
 
 def batch_group_norm(
     x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-    momentum: float, eps: float, update_stats: bool = True,
+    momentum: Optional[float], eps: float, update_stats: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """Batch Group Normalization (docs/SPEC.md): each sample flattened in logical ``(C, *S)``
     order and cut into ``num_groups`` contiguous pieces; one mean/variance per group over
@@ -112,7 +125,7 @@ def batch_group_norm(
         var, mean = torch.var_mean(grouped, dim=(0, 2), correction=0)
         if training and update_stats and running_mean is not None:
             count = N * grouped.shape[2]
-            update_running_stats(running_mean, running_var, mean, var, count, momentum)
+            update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     z = (grouped - mean.view(1, -1, 1)) * torch.rsqrt(var + eps).view(1, -1, 1)
@@ -139,7 +152,8 @@ def cross_iteration_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor],
     past_mean: Tensor, past_var: Tensor, past_keep: Tensor,
-    training: bool, momentum: float, eps: float, update_stats: bool = True,
+    training: bool, momentum: Optional[float], eps: float, update_stats: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The normalisation step of Cross-Iteration BN (docs/SPEC.md).
 
@@ -166,5 +180,5 @@ def cross_iteration_norm(
     y = _finish(_affine(z, weight, bias), x)
     if training and update_stats and running_mean is not None:
         n = xf.numel() // xf.shape[1]
-        update_running_stats(running_mean, running_var, mu_t, var_t, n, momentum)
+        update_running_stats(running_mean, running_var, mu_t, var_t, n, momentum, num_batches_tracked)
     return y, mu_t.detach(), var_t.detach()
