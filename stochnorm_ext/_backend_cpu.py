@@ -28,11 +28,12 @@ def _values_per_channel(x: Tensor) -> int:
 def stoch_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
     running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: float, eps: float,
-    update_stats: bool = True,
+    update_stats: bool = True, num_batches_tracked=None,
 ) -> Tensor:
     """StochNorm: see ``reference.stoch_norm``. Batch-branch channels (``mask``) use this
     batch's statistics, the others the running statistics before this step's update; each
     channel is normalised once. Eval: no mask, running statistics, nothing updated."""
+    momentum = _step_factor(momentum, num_batches_tracked)
     y, batch_mean, batch_var, _, _ = ops.stoch_norm_forward(
         x, weight, bias, running_mean, running_var, mask if training else None, eps)
     if training and update_stats:
@@ -44,9 +45,10 @@ def stoch_norm(
 def batch_group_norm(
     x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-    momentum: float, eps: float, update_stats: bool = True,
+    momentum: float, eps: float, update_stats: bool = True, num_batches_tracked=None,
 ) -> Tensor:
     """Batch Group Normalization: see ``reference.batch_group_norm``."""
+    momentum = _step_factor(momentum, num_batches_tracked)
     use_batch_stats = training or running_mean is None
     y, batch_mean, batch_var, _, _ = ops.batch_group_norm_forward(
         x, num_groups, weight, bias, running_mean, running_var, use_batch_stats, eps)
@@ -60,10 +62,11 @@ def cross_iteration_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor],
     past_mean: Tensor, past_var: Tensor, past_keep: Tensor,
-    training: bool, momentum: float, eps: float, update_stats: bool = True,
+    training: bool, momentum: float, eps: float, update_stats: bool = True, num_batches_tracked=None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The normalisation step of CBN: see ``reference.cross_iteration_norm``. Returns
     ``(y, mu_t, var_t)``, the current batch's statistics being what the window stores."""
+    momentum = _step_factor(momentum, num_batches_tracked)
     use_batch_stats = training or running_mean is None
     y, mu_t, var_t, _, _ = ops.cross_iteration_norm_forward(
         x, weight, bias, running_mean, running_var, past_mean, past_var, past_keep, use_batch_stats, eps)
@@ -72,3 +75,13 @@ def cross_iteration_norm(
     if training and update_stats and running_mean is not None:
         ops.update_running_stats(running_mean, running_var, mu_t, var_t, _values_per_channel(x), momentum)
     return y, mu_t, var_t
+
+
+def _step_factor(momentum, num_batches_tracked):
+    """Interim, until this provider takes num_batches_tracked into its statistics op: count
+    the step and resolve momentum=None to the cumulative factor."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        return 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+    return momentum

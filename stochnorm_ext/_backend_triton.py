@@ -471,7 +471,8 @@ def _untouched_on_failure(running_mean: Optional[Tensor], running_var: Optional[
 
 
 def stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum, eps,
-               update_stats=True):
+               update_stats=True, num_batches_tracked=None):
+    momentum = _step_factor(momentum, num_batches_tracked)
     x = dense_layout(x)[0]  # once here, not in every op (differentiable copy if strided)
     if not training:
         stats = _constant_stats(running_mean, running_var, x)
@@ -486,7 +487,8 @@ def stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momen
 
 
 def batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training, momentum,
-                     eps, update_stats=True):
+                     eps, update_stats=True, num_batches_tracked=None):
+    momentum = _step_factor(momentum, num_batches_tracked)
     x = dense_layout(x)[0]
 
     def step():
@@ -502,7 +504,8 @@ def batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, tra
 
 
 def cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, past_var,
-                         past_keep, training, momentum, eps, update_stats=True):
+                         past_keep, training, momentum, eps, update_stats=True, num_batches_tracked=None):
+    momentum = _step_factor(momentum, num_batches_tracked)
     x = dense_layout(x)[0]
 
     def step():
@@ -518,3 +521,13 @@ def cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, 
         return y, mu_t.detach(), var_t.detach()
 
     return _untouched_on_failure(running_mean if training and update_stats else None, running_var, step)
+
+
+def _step_factor(momentum, num_batches_tracked):
+    """Interim, until this provider takes num_batches_tracked into its statistics op: count
+    the step and resolve momentum=None to the cumulative factor."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        return 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+    return momentum

@@ -75,8 +75,20 @@ def check_param(t: Optional[torch.Tensor], name: str, shape, x: torch.Tensor, la
     if t.device != x.device:
         raise RuntimeError(
             f"{layer}: {name} is on {t.device} but the input is on {x.device}; "
-            "all tensors must be on the same device"
+            f"all tensors must be on the same device (the input is on {x.device}, {name} on {t.device})"
         )
+
+
+def check_counter(t, x: torch.Tensor, layer: str) -> None:
+    """``num_batches_tracked``: a 0-dim integer tensor on the input's device, or None."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or t.dim() != 0 or t.dtype.is_floating_point or t.dtype == torch.bool \
+            or t.is_complex():
+        got = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{layer}: num_batches_tracked must be a 0-dim integer tensor or None, got {got}")
+    if t.device != x.device:
+        raise RuntimeError(f"{layer}: num_batches_tracked is on {t.device} but the input is on {x.device}")
 
 
 def check_values_per_statistic(count: int, x: torch.Tensor, layer: str) -> None:

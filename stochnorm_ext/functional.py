@@ -4,8 +4,9 @@ Each function validates its arguments (before anything is modified, so a call th
 raises leaves running statistics and window state untouched), picks a backend
 (``backend=None``: the best available for the input's device; see
 ``stochnorm_ext.backends()``) and runs it. Like ``torch.nn.functional.batch_norm``,
-``momentum`` is the update factor itself; the modules turn ``momentum=None`` into the
-cumulative-average factor ``1 / num_batches_tracked``.
+``momentum`` is the update factor itself; ``momentum=None`` (a cumulative average, as the
+modules' ``momentum=None``) takes ``1 / num_batches_tracked`` from the step-count tensor
+``num_batches_tracked``, which a training call increments.
 
 Outputs keep the input's dtype and memory format; statistics accumulate in float32
 (float64 for float64 input); parameters and running buffers may be float32 while the
@@ -38,7 +39,8 @@ _IntPair = Union[int, Tuple[int, int]]
 
 
 def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shape, momentum, eps,
-                   training):
+                   training, num_batches_tracked=None):
+    """The arguments every layer shares, checked once per call before anything changes."""
     C = x.shape[1]
     _checks.check_param(weight, "weight", (C,), x, layer)
     _checks.check_param(bias, "bias", (C,), x, layer)
@@ -46,7 +48,12 @@ def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shap
     _checks.check_param(running_var, "running_var", stats_shape, x, layer)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{layer}: running_mean and running_var must both be given or both be None")
-    _checks.check_hyper("momentum", momentum, low=0.0, high=1.0)
+    _checks.check_counter(num_batches_tracked, x, layer)
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError(f"{layer}: momentum=None (a cumulative average) needs num_batches_tracked")
+    else:
+        _checks.check_hyper("momentum", momentum, low=0.0, high=1.0)
     _checks.check_eps(eps, training)
 
 
@@ -56,14 +63,26 @@ def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -
     return _finish(_affine(x.to(_checks.accumulate_dtype(x)), weight, bias), x)
 
 
+def _empty_step(x, weight, bias, training, update_stats, num_batches_tracked) -> Tensor:
+    """N == 0 (not synchronised): nothing to normalise; a training step still counts in
+    ``num_batches_tracked``, as in nn.BatchNorm*d."""
+    if training and update_stats and num_batches_tracked is not None:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+    return _empty_output(x, weight, bias)
+
+
 def _syncing(sync: bool, process_group, training: bool, layer: str) -> bool:
     """Whether this call synchronises its statistics (training with ``sync=True`` only);
     raises before anything changes when it should but cannot."""
+    if sync is False or not training:
+        if not isinstance(sync, bool):
+            raise TypeError(f"{layer}: sync must be a bool, got {type(sync).__name__}")
+        return False
     if not isinstance(sync, bool):
         raise TypeError(f"{layer}: sync must be a bool, got {type(sync).__name__}")
-    if sync and training:
-        distributed.check_ready(process_group, layer)
-    return sync and training
+    distributed.check_ready(process_group, layer)
+    return True
 
 
 def _batched(t: Optional[Tensor]) -> bool:
@@ -110,6 +129,10 @@ def draw_mask(num_features: int, p: float, device=None, generator: Optional[torc
     """StochNorm's per-channel branch choice: ``rand(C) < p`` with the PyTorch generator
     (the default one, or ``generator``) on ``device``; True selects the batch branch."""
     _checks.check_hyper("p", p, low=0.0, high=1.0)
+    return _draw_mask(num_features, p, device, generator)
+
+
+def _draw_mask(num_features: int, p: float, device, generator) -> Tensor:
     if p >= 1.0:
         return torch.ones(num_features, dtype=torch.bool, device=device)
     if p <= 0.0:
@@ -119,9 +142,10 @@ def draw_mask(num_features: int, p: float, device=None, generator: Optional[torc
 
 def stoch_norm(
     input: Tensor, running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-    p: float = 0.5, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-    backend: Optional[str] = None, sync: bool = False, process_group=None,
+    bias: Optional[Tensor] = None, training: bool = False, momentum: Optional[float] = 0.1,
+    eps: float = 1e-5, p: float = 0.5, mask: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None, backend: Optional[str] = None, sync: bool = False,
+    process_group=None, num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """Stochastic Normalization (StochNorm, Kou et al. 2020) of ``input`` ``(N, C, *S)``.
 
@@ -132,6 +156,11 @@ def stoch_norm(
     then updated in place from the batch statistics, whatever the mask. Eval: BatchNorm
     with the running statistics. ``p = 1`` is exactly ``F.batch_norm`` in training.
 
+    ``num_batches_tracked`` (a 0-dim integer tensor, optional) counts training steps, as the
+    modules' buffer does: a training call adds 1 to it, and ``momentum=None`` then uses the
+    cumulative factor ``1 / num_batches_tracked`` read from the tensor (no host
+    synchronisation, so a CUDA graph replays it).
+
     Unlike the published code, both branches are never computed (each channel is
     normalised once), the mask is a tensor drawn with the PyTorch generator on the input's
     device, and the moving branch's gradient uses the pre-update running variance.
@@ -140,20 +169,23 @@ def stoch_norm(
     with the mask of the group's first rank on every rank.
     """
     return _stoch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                       p, mask, generator, backend, update_stats=True, sync=sync,
-                       process_group=process_group)
+                       p, mask, generator, backend, True, sync, process_group, num_batches_tracked)
 
 
 def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, p, mask,
-                generator, backend, update_stats, sync=False, process_group=None, on_mask=None):
-    """``on_mask``: called with the mask drawn here (after every check, so a call that raises
-    draws nothing and leaves the RNG alone), before anything is computed or updated."""
-    layer = "stoch_norm"
-    _checks.check_input(x, None, (2, 3, 4, 5), layer)
+                generator, backend, update_stats, sync=False, process_group=None,
+                num_batches_tracked=None, on_mask=None, layer="stoch_norm", num_features=None,
+                dims=(2, 3, 4, 5)):
+    """The whole StochNorm call: every check once, then the backend. ``on_mask`` is called
+    with the mask drawn here (after every check, so a call that raises draws nothing and
+    leaves the RNG alone), before anything is computed or updated. The modules pass their
+    name, channel count and allowed ranks, so that the input is checked once."""
+    _checks.check_input(x, num_features, dims, layer)
     C = x.shape[1]
     if running_mean is None or running_var is None:
         raise ValueError(f"{layer}: StochNorm needs running statistics (running_mean and running_var)")
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training,
+                   num_batches_tracked)
     _checks.check_hyper("p", p, low=0.0, high=1.0)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (C,):
@@ -164,26 +196,28 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     impl = _backend_for(backend, x, running_mean, running_var, training and update_stats, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] == 0 and not syncing:
-        return _empty_output(x, weight, bias)
+        return _empty_step(x, weight, bias, training, update_stats, num_batches_tracked)
     if training:
         if not syncing:  # with sync, the count over the whole group is checked
             _checks.check_values_per_statistic(x.numel() // C, x, layer)
         if mask is None:
-            mask = draw_mask(C, p, x.device, generator)
+            mask = _draw_mask(C, p, x.device, generator)
             if on_mask is not None:
                 on_mask(mask)
+    counter = num_batches_tracked if training and update_stats else None
     if syncing:
         return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, momentum,
-                                      eps, update_stats, process_group, impl)
+                                      eps, update_stats, process_group, impl, counter)
     return impl.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
-                           eps, update_stats)
+                           eps, update_stats, counter)
 
 
 def batch_group_norm(
     input: Tensor, num_groups: int, running_mean: Optional[Tensor] = None,
     running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+    bias: Optional[Tensor] = None, training: bool = False, momentum: Optional[float] = 0.1,
     eps: float = 1e-5, backend: Optional[str] = None, sync: bool = False, process_group=None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """Batch Group Normalization (BGN, Zhou et al. 2020) of ``input`` ``(N, C, *S)``.
 
@@ -194,32 +228,35 @@ def batch_group_norm(
     of its flattened spatial positions; ``S % m == 0``, checked per call). Affine
     parameters are per channel ``(C,)``; running statistics per group ``(G,)``, used in
     eval when given (batch statistics otherwise). ``G == C`` is exactly BatchNorm.
+    ``num_batches_tracked``: as in :func:`stoch_norm`.
     ``sync=True``: training statistics over the processes of ``process_group`` (eval uses
     the local batch when there are no running statistics, never a collective).
     """
     return _batch_group_norm(input, num_groups, running_mean, running_var, weight, bias, training,
-                             momentum, eps, backend, update_stats=True, sync=sync,
-                             process_group=process_group)
+                             momentum, eps, backend, True, sync, process_group, num_batches_tracked)
 
 
 def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, training, momentum,
-                      eps, backend, update_stats, sync=False, process_group=None):
-    layer = "batch_group_norm"
-    _checks.check_input(x, None, (2, 3, 4, 5), layer)
+                      eps, backend, update_stats, sync=False, process_group=None,
+                      num_batches_tracked=None, layer="batch_group_norm", num_features=None,
+                      dims=(2, 3, 4, 5)):
+    _checks.check_input(x, num_features, dims, layer)
     _checks.check_hyper("num_groups", num_groups, low=1, integer=True)
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps, training)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps,
+                   training, num_batches_tracked)
     _checks.check_groups_fit(num_groups, x, layer)
     impl = _backend_for(backend, x, running_mean, running_var, training and update_stats, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] == 0 and not syncing:
-        return _empty_output(x, weight, bias)
+        return _empty_step(x, weight, bias, training, update_stats, num_batches_tracked)
+    if (training or running_mean is None) and not syncing:
+        _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
+    counter = num_batches_tracked if training and update_stats else None
     if syncing:
         return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var,
-                                            momentum, eps, update_stats, process_group, impl)
-    if training or running_mean is None:
-        _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
+                                            momentum, eps, update_stats, process_group, impl, counter)
     return impl.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
-                                 momentum, eps, update_stats)
+                                 momentum, eps, update_stats, counter)
 
 
 def _pair(v, name) -> Tuple[int, int]:

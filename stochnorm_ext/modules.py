@@ -48,6 +48,15 @@ __all__ = [
 ]
 
 
+def _may_be_recomputed() -> bool:
+    """Whether this training forward may be recomputed during backward: it runs under
+    activation checkpointing's saved-tensor hooks (non-reentrant) or without grad mode
+    (reentrant checkpointing, or a no-grad step). Only then does StochNorm keep copies."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 def _in_backward_recompute() -> bool:
     """True while the autograd engine runs (a checkpointed forward being recomputed)."""
     if torch.compiler.is_compiling():
@@ -221,34 +230,25 @@ class _StochNorm(_NormBase):
         return super().extra_repr() + f", p={self.p}"
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        # A synchronised step runs on every rank, an empty local batch included.
-        if not self.training or (input.shape[0] == 0 and not self.sync):
-            y = _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                            self.training, 0.0 if self.momentum is None else self.momentum,
-                            self.eps, self.p, None, None, self.backend, update_stats=False)
-            if self.training and not _in_backward_recompute():
-                self._count_step()  # an empty batch is a step, as nn.BatchNorm counts it
-            return y
-        if _in_backward_recompute():
+        name = type(self).__name__
+        if self.training and _in_backward_recompute():
             mask, moving_mean, moving_var = self._stash_take()
             return _stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
-                               self.eps, self.p, mask, None, self.backend, update_stats=False,
-                               sync=self.sync, process_group=self.process_group)
-        if not self.sync:  # with sync, the count over the whole group is checked
-            _checks.check_values_per_statistic(input.numel() // input.shape[1], input, type(self).__name__)
+                               self.eps, self.p, mask, None, self.backend, False, self.sync,
+                               self.process_group, None, None, name, self.num_features, self._allowed_dims)
+        # The functional form checks everything once, then draws the mask: a call that raises
+        # leaves the RNG as it was (like nn.BatchNorm, which draws nothing). It counts the step
+        # in num_batches_tracked (an empty batch included, as nn.BatchNorm does).
+        stash = self._stash_step if self.training and _may_be_recomputed() else None
+        return _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                           self.training, self.momentum, self.eps, self.p, None, None, self.backend,
+                           True, self.sync, self.process_group, self.num_batches_tracked, stash, name,
+                           self.num_features, self._allowed_dims)
 
-        def stash(mask):  # what a recomputation under activation checkpointing reuses
-            self._stash_put((mask, self.running_mean.clone(), self.running_var.clone()))
-
-        # The functional form draws the mask once every argument is checked: a call that
-        # raises leaves the RNG as it was (like nn.BatchNorm, which draws nothing).
-        y = _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                        self._momentum_factor(counted=True), self.eps, self.p, None, None,
-                        self.backend, update_stats=True, sync=self.sync, process_group=self.process_group,
-                        on_mask=None if torch.compiler.is_compiling() else stash)
-        self._count_step()
-        return y
+    def _stash_step(self, mask: Tensor) -> None:
+        """What a recomputation under activation checkpointing reuses: the mask and the
+        running statistics before this step's update (copied only under checkpointing)."""
+        self._stash_put((mask, self.running_mean.clone(), self.running_var.clone()))
 
 
 class StochNorm1d(_StochNorm):
@@ -308,19 +308,13 @@ class _BatchGroupNorm(_NormBase):
         return f"{self.num_features}, num_groups={self.num_groups}, " + super().extra_repr().split(", ", 1)[1]
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        _checks.check_groups_fit(self.num_groups, input, type(self).__name__)
-        recompute = self.training and _in_backward_recompute()
-        update = self.training and not recompute and (input.shape[0] > 0 or self.sync)
-        if update and not self.sync:
-            _checks.check_values_per_statistic(input.numel() // self.num_groups, input, type(self).__name__)
-        y = _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
-                              self.weight, self.bias, self.training, self._momentum_factor(update),
-                              self.eps, self.backend, update_stats=update, sync=self.sync,
-                              process_group=self.process_group)
-        if self.training and not recompute:  # an empty batch counts, as in nn.BatchNorm
-            self._count_step()
-        return y
+        # A recomputation under activation checkpointing changes no state (one step, once).
+        update = not (self.training and _in_backward_recompute())
+        return _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
+                                 self.weight, self.bias, self.training, self.momentum, self.eps,
+                                 self.backend, update, self.sync, self.process_group,
+                                 self.num_batches_tracked, type(self).__name__, self.num_features,
+                                 self._allowed_dims)
 
 
 class BatchGroupNorm1d(_BatchGroupNorm):
