@@ -9,18 +9,18 @@ the pure-PyTorch definitions every backend is tested against; ``backends()`` say
 backends (``reference``, ``cpu``, ``triton``, ``cuda``) are available here.
 """
 from . import functional, reference
-from ._backend import BACKEND_NAMES, available_backends, backends
+from .backend import BACKEND_NAMES, available_backends, backends
 from .cbn_window import CBNWindow
 from .convert import convert_model, find_conv_bn_pairs
 from .distributed import convert_sync
 from .finetune import L2SP, InputNorm, bn_param_groups, bn_scale_init_, l2sp_penalty
 from .deploy import PiecewiseAffine, fold_into_conv, to_batchnorm
-from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
+from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __version__ = "0.1.0"
 
-from . import _backend as _backend_module  # noqa: E402
+from . import backend as _backend_module  # noqa: E402
 
 _backend_module.preload()
 

@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
+from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __all__ = ["convert_model", "find_conv_bn_pairs"]

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
+from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __all__ = ["to_batchnorm", "fold_into_conv", "PiecewiseAffine"]

@@ -92,7 +92,7 @@ def convert_sync(model: nn.Module, process_group: Optional["dist.ProcessGroup"] 
     plain ``nn.BatchNorm*d`` layers are left alone (convert those with that function). To turn
     sync off again, set ``layer.sync = False`` on the layers.
     """
-    from .modules import _NormBase
+    from .nn import _NormBase
     for module in model.modules():
         if isinstance(module, _NormBase):
             module.sync = True

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import _checks
-from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
+from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __all__ = ["L2SP", "l2sp_penalty", "bn_scale_init_", "bn_param_groups", "InputNorm",

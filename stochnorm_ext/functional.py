@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, distributed
-from ._backend import resolve
+from .backend import resolve
 from .cbn_window import CBNWindow, ConvGeometry, compensated_past, conv_jacobians, push_entry
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_batch_norm", "draw_mask"]

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():  # must precede any Triton kernel definition
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import stochnorm_ext as sx  # noqa: E402
-from stochnorm_ext import _backend, functional as F  # noqa: E402
+from stochnorm_ext import backend as registry, functional as F  # noqa: E402
 from stochnorm_ext.cbn_window import CBNWindow  # noqa: E402
 
 # Max error relative to the reference's largest magnitude, per input dtype (float64: every
@@ -97,7 +97,7 @@ def _run(layer: str, backend: str, case: dict, dtype: torch.dtype):
 def backends_to_check(devices) -> list:
     """The (device, backend) pairs checked: every backend usable here, on each device it runs on."""
     return [(device, backend) for device in devices for backend in sx.available_backends()
-            if _backend._supports(backend, torch.device(device))]
+            if registry.runs_on(backend, torch.device(device))]
 
 
 def check_backends(devices, dtypes) -> list:

@@ -22,10 +22,10 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def available(backend: str, device: str) -> bool:
     """Whether ``backend`` runs on ``device`` here (kernels built, device present)."""
-    from stochnorm_ext import _backend
+    from stochnorm_ext import backend as registry
     if stochnorm_ext.backends()[backend] is not None:
         return False
-    return _backend._supports(backend, torch.device(device))
+    return registry.runs_on(backend, torch.device(device))
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

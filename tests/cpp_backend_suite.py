@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import stochnorm_ext as sx
 from stochnorm_ext import functional as F
-from stochnorm_ext._backend import resolve
+from stochnorm_ext.backend import resolve
 # The memory format the kernels give an output (the library's rule, also used by _ops.py).
 from stochnorm_ext._checks import memory_format_of as expected_format
 

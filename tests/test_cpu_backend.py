@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import stochnorm_ext as sx
-from stochnorm_ext._backend import resolve
+from stochnorm_ext.backend import resolve
 
 from conftest import available
 from cpp_backend_suite import *  # noqa: F401,F403  (the shared tests, collected from this module)
@@ -32,8 +32,8 @@ def device():
 
 def test_module_default_backend_is_cpu():
     assert sx.backends()["cpu"] is None
-    from stochnorm_ext import _backend, _backend_cpu
-    assert resolve(None, torch.device("cpu")) is _backend_cpu or os.environ.get(_backend.ENV_VAR)
+    from stochnorm_ext import backend as registry, _backend_cpu
+    assert resolve(None, torch.device("cpu")) is _backend_cpu or os.environ.get(registry.ENV_VAR)
 
 
 # ----------------------------------------------------------------------------- portable kernels

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import stochnorm_ext as sx
-from stochnorm_ext._backend import resolve
+from stochnorm_ext.backend import resolve
 
 from conftest import available
 from cpp_backend_suite import *  # noqa: F401,F403  (the shared tests, collected from this module)
@@ -103,9 +103,9 @@ def test_backend_availability_matches_the_build():
 
 @gpu
 def test_default_backend_for_cuda_tensors():
-    from stochnorm_ext import _backend, _backend_cuda
-    if os.environ.get(_backend.ENV_VAR):
-        pytest.skip(f"{_backend.ENV_VAR} overrides the default")
+    from stochnorm_ext import backend as registry, _backend_cuda
+    if os.environ.get(registry.ENV_VAR):
+        pytest.skip(f"{registry.ENV_VAR} overrides the default")
     assert resolve(None, torch.device("cuda")) is _backend_cuda
 
 

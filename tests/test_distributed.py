@@ -281,7 +281,7 @@ def test_sync_uses_the_backend_kernels_where_there_are_any():
     """The cpu (and cuda) backends' segment_* ops run the big passes of the synchronised
     path; reference and triton take the plain-PyTorch passes."""
     from stochnorm_ext import distributed
-    from stochnorm_ext._backend import resolve
+    from stochnorm_ext.backend import resolve
     x = torch.randn(2, 3, 4)
     for backend in BACKENDS:
         expected = distributed._KernelPasses if backend == "cpu" else distributed._TorchPasses

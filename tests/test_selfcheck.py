@@ -60,9 +60,9 @@ def test_compiled_in_is_not_usable_without_a_gpu(monkeypatch):
     on such a machine outside the interpreter."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    from stochnorm_ext import _backend
-    monkeypatch.setitem(_backend._loaded, "cuda", types.ModuleType("compiled_in_cuda_backend"))
-    monkeypatch.delitem(_backend._missing, "cuda", raising=False)
+    from stochnorm_ext import backend as registry
+    monkeypatch.setitem(registry._loaded, "cuda", types.ModuleType("compiled_in_cuda_backend"))
+    monkeypatch.delitem(registry._missing, "cuda", raising=False)
     reason = sx.backends()["cuda"]
     assert reason and reason.startswith("compiled in, but not usable here: no CUDA device"), reason
     assert "cuda" not in sx.available_backends()

@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import stochnorm_ext as sx
-from stochnorm_ext import _backend, selfcheck
+from stochnorm_ext import backend as registry, selfcheck
 from stochnorm_ext.bench.cases import DTYPES, SELFCHECK_CASES
 from stochnorm_ext.bench.environment import scrub_paths
 
@@ -74,4 +74,4 @@ def backends_to_check(device: str, requested: Optional[Sequence[str]]) -> List[s
     """Every available backend that runs on ``device``, Triton's interpreter on CPU included
     (checked for correctness, not timed)."""
     return [name for name in requested or sx.BACKEND_NAMES
-            if sx.backends()[name] is None and _backend._supports(name, torch.device(device))]
+            if sx.backends()[name] is None and registry.runs_on(name, torch.device(device))]

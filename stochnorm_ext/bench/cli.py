@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 
 import stochnorm_ext as sx
-from stochnorm_ext import _backend
+from stochnorm_ext import backend as registry
 from stochnorm_ext.bench import report
 from stochnorm_ext.bench.cases import (BGN_GROUPS, CONVS, CPU_BATCHES, CPU_DTYPES, CPU_SHAPES, DIRECTIONS, DTYPES,
                                        GPU_BATCHES, GPU_DTYPES, GPU_SHAPES, LAYERS, MEMORY_FORMATS,
@@ -151,7 +151,7 @@ def backends_for(device: str, requested: Optional[Sequence[str]]) -> List[str]:
     chosen = []
     for name in requested or sx.BACKEND_NAMES:
         reason = sx.backends()[name]
-        native = _backend._supports(name, torch.device(device)) and not (name == "triton" and device == "cpu")
+        native = registry.runs_on(name, torch.device(device)) and not (name == "triton" and device == "cpu")
         if reason is None and native:
             chosen.append(name)
         elif requested:

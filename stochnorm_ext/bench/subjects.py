@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from stochnorm_ext import _backend
+from stochnorm_ext import backend as registry
 from stochnorm_ext import functional as SF
 from stochnorm_ext.bench.baselines import PublishedConvCBN, published_batch_group_norm, published_stoch_norm
 from stochnorm_ext.bench.cases import (BGN_GROUPS, CBN_WINDOW, DTYPES, EPS, MOMENTUM, STOCH_P, Case,
                                        bgn_groups, bgn_label, conv_in_channels)
 from stochnorm_ext.bench.traffic import OpBytesCounter
-from stochnorm_ext.modules import Conv2dCBN
+from stochnorm_ext.nn import Conv2dCBN
 
 
 @dataclass
@@ -109,7 +109,7 @@ def build_subjects(case: Case, layers: Sequence[str], backends: Sequence[str], b
                     1 + 0.01 * torch.rand(K, C, device=dev, dtype=pdt),   # compensated variances
                     torch.ones(K, C, device=dev, dtype=torch.bool))       # all kept
             subjects.append(Subject("cbn", backend, functools.partial(
-                _ours_cbn_step, impl=_backend.resolve(backend, torch.device(dev)), rm=rm, rv=rv, w=w,
+                _ours_cbn_step, impl=registry.resolve(backend, torch.device(dev)), rm=rm, rv=rv, w=w,
                 b=b, past=past), [w, b], backend=backend))
 
         cin, k = conv_in_channels(C, conv), int(conv[0])

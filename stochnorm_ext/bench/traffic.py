@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from stochnorm_ext import _backend
+from stochnorm_ext import backend as registry
 from stochnorm_ext.bench.cases import BACKEND_LAYER, Case, base_layer
 
 
@@ -121,7 +121,7 @@ def bytes_for(subject, case: Case, direction: str, inputs) -> Tuple[Optional[int
         x, dy = inputs[0]
         return counted_op_bytes(subject, x, dy, direction), "ops"
     if subject.backend is not None:
-        module = _backend.resolve(subject.backend, torch.device(case.device))
+        module = registry.resolve(subject.backend, torch.device(case.device))
         reported = kernel_bytes(module, subject.layer, direction, case.numel, case.element_size)
         if reported is not None:
             return reported, "kernel"

@@ -1,37 +1,66 @@
-"""Backend selection.
+"""The backend registry: which implementation runs a layer, and why another cannot.
 
-A backend is a module with three functions sharing one interface (see ``reference.py``,
-the executable spec they are all tested against)::
-
-    stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum, eps, update_stats) -> y
-    batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training, momentum, eps, update_stats) -> y
-    cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, past_var, past_keep,
-                         training, momentum, eps, update_stats) -> (y, mu_t, var_t)
-
-Names: ``"reference"`` (pure PyTorch, always there), ``"cpu"`` (C++ kernels),
-``"triton"`` and ``"cuda"`` (GPU kernels). ``backend=None`` picks the best available one
-for the input's device; the environment variable ``STOCHNORM_EXT_BACKEND`` replaces that
-default (an explicit ``backend=`` argument still wins).
+A backend is a module that satisfies :class:`Backend` (the three layer functions and the
+four per-segment passes that distributed sync composes with collectives). Names:
+``"reference"`` (pure PyTorch, ``stochnorm_ext.reference``, always there), ``"cpu"`` and
+``"cuda"`` (the C++ kernels), ``"triton"`` (GPU kernels, ``stochnorm_ext.backend.triton``).
+``backend=None`` picks the best available one for the input's device; the environment
+variable ``STOCHNORM_EXT_BACKEND`` replaces that default (an explicit ``backend=``
+argument still wins). :func:`backends` maps every name to ``None`` (usable here) or the
+reason it is not.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Protocol, Tuple
 
 import torch
+from torch import Tensor
 
-from . import _extension
+from .. import _extension
+
+class SegmentPasses(Protocol):
+    """The four big passes over per-segment tables (a segment: what one statistic covers
+    inside one channel; tables ``(C, P)``), which distributed sync composes with collectives."""
+
+    def stats(self, x: Tensor, pieces: int) -> Tuple[Tensor, Tensor]: ...          # float64 (mean, M2)
+    def apply(self, x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor: ...
+    def grad_sums(self, dy: Tensor, x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]: ...
+    def grad_apply(self, dy: Tensor, x: Tensor, center: Tensor, k_dy: Tensor, k_x: Tensor,
+                   k_0: Tensor) -> Tensor: ...
+
+
+class Backend(Protocol):
+    """What every backend module provides. The arguments are validated by
+    ``stochnorm_ext.functional`` before a backend sees them. Training with ``update_stats``
+    updates the running statistics in place and, when ``num_batches_tracked`` is given,
+    increments it (``momentum=None``: the cumulative factor ``1 / num_batches_tracked``
+    read from the tensor). Outputs keep the input's dtype and memory format."""
+
+    PASSES: SegmentPasses
+
+    def stoch_norm(self, x, weight, bias, running_mean, running_var, mask, training, momentum, eps,
+                   update_stats=True, num_batches_tracked=None) -> Tensor: ...
+
+    def batch_group_norm(self, x, num_groups, weight, bias, running_mean, running_var, training,
+                         momentum, eps, update_stats=True, num_batches_tracked=None) -> Tensor: ...
+
+    def cross_iteration_norm(self, x, weight, bias, running_mean, running_var, past_mean, past_var,
+                             past_keep, training, momentum, eps, update_stats=True,
+                             num_batches_tracked=None) -> Tuple[Tensor, Tensor, Tensor]: ...
+
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "STOCHNORM_EXT_BACKEND"
 
 # Preference order for backend=None, per device type; the first available one wins.
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-# Where each backend's implementation lives (module path relative to the package).
+# Where each backend's implementation lives (module path relative to the stochnorm_ext package).
 _MODULES = {"reference": ".reference", "cpu": "._backend_cpu", "triton": "._backend_triton",
             "cuda": "._backend_cuda"}
+_PACKAGE = __package__.rpartition(".")[0]  # stochnorm_ext
 # Device types each backend runs on ("triton" runs on CPU tensors only under the interpreter).
 _DEVICES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
 
@@ -46,9 +75,9 @@ def _load(name: str):
     if name in _missing:
         return None
     try:
-        module = importlib.import_module(_MODULES[name], __package__)
+        module = importlib.import_module(_MODULES[name], _PACKAGE)
     except ModuleNotFoundError as exc:
-        if exc.name == __package__ + _MODULES[name]:
+        if exc.name == _PACKAGE + _MODULES[name]:
             _missing[name] = f"this version of stochnorm_ext has no {name!r} kernels"
         else:  # the backend exists but something it needs is not installed or not built
             _missing[name] = f"{type(exc).__name__}: {exc}"
@@ -135,6 +164,13 @@ def resolve(backend: Optional[str], device: torch.device):
     if not _supports(backend, device):
         raise RuntimeError(f"backend {backend!r} does not run on {device.type} tensors")
     return module
+
+
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether backend ``name`` runs on tensors of ``device`` at all (installed or not):
+    the reference everywhere, cpu on CPU, cuda on CUDA, triton on CUDA (and on CPU tensors
+    only under the interpreter)."""
+    return _supports(name, device)
 
 
 def _supports(name: str, device: torch.device) -> bool:

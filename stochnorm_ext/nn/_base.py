@@ -1,0 +1,145 @@
+"""What the three layers share with ``nn.BatchNorm*d``: parameters, buffers, state-dict
+behaviour, and the bookkeeping of activation checkpointing (a training forward that is
+recomputed during backward reuses what the original forward saw and changes no state)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _checks
+
+
+def _may_be_recomputed() -> bool:
+    """Whether this training forward may be recomputed during backward: it runs under
+    activation checkpointing's saved-tensor hooks (non-reentrant) or without grad mode
+    (reentrant checkpointing, or a no-grad step). Only then does StochNorm keep copies."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _in_backward_recompute() -> bool:
+    """True while the autograd engine runs (a checkpointed forward being recomputed)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
+class _NormBase(nn.Module):
+    """Parameters, buffers and state-dict behaviour shared with ``nn.BatchNorm*d``."""
+
+    _version = 2
+    _allowed_dims = (4,)
+    _layer_name = "norm"
+
+    def __init__(self, num_features: int, stats_size: int, eps: float, momentum: Optional[float],
+                 affine: bool, track_running_stats: bool, backend: Optional[str],
+                 sync: bool = False, process_group=None, device=None, dtype=None, bias: bool = True):
+        super().__init__()
+        _checks.check_hyper("num_features", num_features, low=1, integer=True)
+        _checks.check_eps(eps)
+        _checks.check_momentum(momentum)
+        if backend is not None:
+            from ..backend import BACKEND_NAMES
+            if backend not in BACKEND_NAMES:
+                raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.backend = backend
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        self.sync = sync
+        self.process_group = process_group
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
+        factory = dict(device=device, dtype=dtype)
+        # bias=False (with affine=True): a scale without shift, as nn.BatchNorm*d(bias=False).
+        for name, wanted in (("weight", affine), ("bias", affine and bias)):
+            self.register_parameter(name, nn.Parameter(torch.empty(num_features, **factory)) if wanted else None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(stats_size, **factory))
+            self.register_buffer("running_var", torch.ones(stats_size, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._stash = None
+        self._stash_fresh = False
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        no_bias = self.affine and self.bias is None
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                + ("bias=False, " if no_bias else "")
+                + f"track_running_stats={self.track_running_stats}" + (", sync=True" if self.sync else ""))
+
+    def _check_input(self, x) -> None:
+        name = type(self).__name__
+        _checks.check_input(x, self.num_features, self._allowed_dims, name)
+        for t in (self.weight, self.running_mean):
+            if t is not None and t.device != x.device:
+                raise RuntimeError(f"{name}: the input is on {x.device} but the layer's parameters "
+                                   f"and buffers are on {t.device}")
+        if self.sync and self.training:
+            from .distributed import check_ready
+            check_ready(self.process_group, name)
+
+    def _momentum_factor(self, counted: bool) -> float:
+        """BatchNorm's update factor for this step; ``counted``: the step will be counted in
+        ``num_batches_tracked`` (by ``_count_step`` once the call has succeeded)."""
+        if self.momentum is not None:
+            return self.momentum
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        # Cumulative moving average over the steps counted so far, this one included.
+        return 1.0 / max(float(self.num_batches_tracked) + (1 if counted else 0), 1.0)
+
+    def _count_step(self) -> None:
+        """Count a training step; called after the step succeeded, so a call that raised
+        leaves num_batches_tracked as it was. Like ``nn.BatchNorm*d``, an empty batch
+        (``N == 0``) is counted although it leaves the running statistics alone."""
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+
+    # Activation checkpointing: the recomputed forward reuses what the original one saw.
+    def _stash_put(self, value) -> None:
+        if not torch.compiler.is_compiling():
+            self._stash, self._stash_fresh = value, True
+
+    def _stash_take(self):
+        if not self._stash_fresh:
+            raise RuntimeError(
+                f"{type(self).__name__}: a training forward is being recomputed during backward "
+                "(activation checkpointing), but this layer ran another training forward since, or "
+                "its state was already consumed by an earlier recomputation. Run each checkpointed "
+                "training forward's backward before the next forward of the layer.")
+        self._stash_fresh = False
+        return self._stash
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Like nn.BatchNorm: checkpoints from before num_batches_tracked existed still load.
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
