@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import stochnorm_ext as sx
-from stochnorm_ext.finetune import BATCH_NORM_TYPES, L2SP, InputNorm, l2sp_penalty
+from stochnorm_ext.model_tools.finetune import BATCH_NORM_TYPES, L2SP, InputNorm, l2sp_penalty
 
 
 def _net(classes=3):

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
+from .conv_bn import trace_feeders
+from ..nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __all__ = ["to_batchnorm", "fold_into_conv", "PiecewiseAffine"]
@@ -257,7 +258,7 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
     """{conv name: BatchNorm name} for each BatchNorm whose only input is a Conv1d/2d/3d whose
     output goes nowhere else, both called exactly once and registered under one name."""
     try:
-        graph = _Tracer().trace(model)
+        graph = trace_feeders(model, nn.modules.batchnorm._BatchNorm, _CONVS, _Tracer())
     except Exception as error:  # data-dependent control flow, ...
         raise RuntimeError(
             f"fold_into_conv: torch.fx cannot trace {type(model).__name__} ({error}), so its conv -> "
@@ -267,24 +268,13 @@ def _conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
     names_per_module: Dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
         names_per_module[id(module)] = names_per_module.get(id(module), 0) + 1
-    calls: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     pairs = {}
-    for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or len(node.args) != 1 or node.kwargs:
-            continue
-        src = node.args[0]
-        if not (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1):
-            continue
-        conv = modules.get(src.target)
-        if (isinstance(conv, _CONVS) and conv.out_channels == bn.num_features
-                and bn.running_mean is not None
-                and calls[src.target] == 1 and calls[node.target] == 1
-                and names_per_module[id(conv)] == 1 and names_per_module[id(bn)] == 1):
-            pairs[src.target] = node.target
+    for bn_name, feeders in graph.feeders.items():
+        conv_name = feeders[0]
+        if (len(feeders) == 1 and conv_name is not None and modules[bn_name].running_mean is not None
+                and graph.calls[conv_name] == 1
+                and names_per_module[id(modules[conv_name])] == 1 and names_per_module[id(modules[bn_name])] == 1):
+            pairs[conv_name] = bn_name
     return pairs
 
 

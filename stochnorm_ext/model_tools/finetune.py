@@ -28,9 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import _checks
-from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
-                      CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
+from .. import _checks
+from ..nn import LAYER_TYPES
 
 __all__ = ["L2SP", "l2sp_penalty", "bn_scale_init_", "bn_param_groups", "InputNorm",
            "BATCH_NORM_TYPES", "NORM_TYPES"]
@@ -97,10 +96,7 @@ class InputNorm(nn.Module):
 
 # BatchNorm-like layers: BN scale initialisation and the gamma learning-rate reduction apply
 # to these (their affine ``weight`` is the scale, ``bias`` the shift).
-BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                    StochNorm1d, StochNorm2d, StochNorm3d,
-                    BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
-                    CrossIterationBatchNorm2d)
+BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm) + LAYER_TYPES
 # Every normalisation layer whose parameters count as "norm parameters" (no weight decay;
 # included in L2-SP only with include_norm=True).
 NORM_TYPES = BATCH_NORM_TYPES + (InputNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,

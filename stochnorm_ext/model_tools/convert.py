@@ -7,7 +7,8 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
+from .conv_bn import feeders_by_order, single_feeders, trace_feeders
+from ..nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __all__ = ["convert_model", "find_conv_bn_pairs"]
@@ -128,46 +129,15 @@ def find_conv_bn_pairs(model: nn.Module) -> Dict[str, str]:
 _DIM_SOURCES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _out_features(module: nn.Module) -> Optional[int]:
-    return getattr(module, "out_channels", getattr(module, "out_features", None))
-
-
 def _feeding_modules(model: nn.Module, types) -> Dict[str, str]:
     """BN name -> name of the module of one of ``types`` that feeds it directly. A BN used
-    at several places (one module, shared) is paired only if one module feeds every use."""
+    at several places (one module, shared) is paired only if one module feeds every use.
+    Untraceable models (data-dependent control flow, ...) are paired by module order."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # untraceable model (data-dependent control flow, ...)
-        return _pairs_by_order(model, types)
-    modules = dict(model.named_modules())
-    feeds: Dict[str, set] = {}  # BN name -> what feeds each of its uses (None: no such module)
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
-            continue
-        src = node.args[0] if node.args else None
-        fed = (isinstance(src, torch.fx.Node) and src.op == "call_module"
-               and isinstance(modules.get(src.target), types) and len(src.users) == 1
-               and _out_features(modules[src.target]) == modules[node.target].num_features)
-        feeds.setdefault(node.target, set()).add(src.target if fed else None)
-    return _single_feeders(feeds)
-
-
-def _single_feeders(feeds: Dict[str, set]) -> Dict[str, str]:
-    return {bn: next(iter(srcs)) for bn, srcs in feeds.items() if len(srcs) == 1 and None not in srcs}
-
-
-def _pairs_by_order(model: nn.Module, types=(nn.Conv2d,)) -> Dict[str, str]:
-    first_name = {id(m): n for n, m in reversed(list(model.named_modules()))}
-    feeds: Dict[str, set] = {}
-    prev = None
-    for name, module in model.named_modules(remove_duplicate=False):  # every use of a shared BN
-        if isinstance(module, _BN_TYPES):
-            pmod = prev
-            fed = isinstance(pmod, types) and _out_features(pmod) == module.num_features
-            feeds.setdefault(first_name[id(module)], set()).add(first_name[id(pmod)] if fed else None)
-        if not list(module.children()):
-            prev = module
-    return _single_feeders(feeds)
+        feeders = trace_feeders(model, _BN_TYPES, types).feeders
+    except Exception:
+        feeders = feeders_by_order(model, _BN_TYPES, types)
+    return single_feeders(feeders)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
