@@ -11,8 +11,7 @@ backends (``reference``, ``cpu``, ``triton``, ``cuda``) are available here.
 from . import functional, reference
 from ._backend import BACKEND_NAMES, available_backends, backends
 from .cbn_window import CBNWindow
-from .convert import convert_model, find_conv_bn_pairs
-from .distributed import convert_sync
+from .convert import convert_model, convert_sync, find_conv_bn_pairs
 from .finetune import L2SP, InputNorm, bn_param_groups, bn_scale_init_, l2sp_penalty
 from .deploy import PiecewiseAffine, fold_into_conv, to_batchnorm
 from .modules import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,

@@ -72,3 +72,40 @@ def cross_iteration_norm(
     if training and update_stats and running_mean is not None:
         ops.update_running_stats(running_mean, running_var, mu_t, var_t, _values_per_channel(x), momentum)
     return y, mu_t, var_t
+
+
+# The four per-segment passes that stochnorm_ext.distributed composes with collectives.
+import torch  # noqa: E402
+
+from . import reference as _reference  # noqa: E402
+
+
+class PASSES:
+    """The four per-segment passes (``reference.PASSES``'s interface) on this backend's
+    kernels, ``torch.ops.stochnorm_ext.segment_*`` (the ``.default`` overloads, as
+    ``_ops.defaults`` calls them); tables in the accumulation dtype, statistics in float64.
+    Empty inputs take the plain-PyTorch passes (the kernels expect at least one value)."""
+
+    @staticmethod
+    def stats(x, pieces):
+        if x.numel() == 0:
+            return _reference.PASSES.stats(x, pieces)
+        return torch.ops.stochnorm_ext.segment_stats.default(x, pieces)
+
+    @staticmethod
+    def apply(x, center, scale, shift):
+        if x.numel() == 0:
+            return _reference.PASSES.apply(x, center, scale, shift)
+        return torch.ops.stochnorm_ext.segment_apply.default(x, center, scale, shift)
+
+    @staticmethod
+    def grad_sums(dy, x, center):
+        if x.numel() == 0:
+            return _reference.PASSES.grad_sums(dy, x, center)
+        return torch.ops.stochnorm_ext.segment_grad_sums.default(dy, x, center)
+
+    @staticmethod
+    def grad_apply(dy, x, center, k_dy, k_x, k_0):
+        if x.numel() == 0:
+            return _reference.PASSES.grad_apply(dy, x, center, k_dy, k_x, k_0)
+        return torch.ops.stochnorm_ext.segment_grad_apply.default(dy, x, center, k_dy, k_x, k_0)

@@ -173,8 +173,8 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             if on_mask is not None:
                 on_mask(mask)
     if syncing:
-        return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, momentum,
-                                      eps, update_stats, process_group, impl)
+        return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
+                                      eps, update_stats, impl=impl, process_group=process_group)
     return impl.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
                            eps, update_stats)
 
@@ -214,8 +214,8 @@ def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, tr
     if x.shape[0] == 0 and not syncing:
         return _empty_output(x, weight, bias)
     if syncing:
-        return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var,
-                                            momentum, eps, update_stats, process_group, impl)
+        return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
+                                            momentum, eps, update_stats, impl=impl, process_group=process_group)
     if training or running_mean is None:
         _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
     return impl.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
@@ -354,8 +354,8 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
         past = (empty, empty, empty.to(torch.bool))
     if syncing:
         y, mu_t, var_t = distributed.cross_iteration_norm(x, weight, bias, running_mean, running_var,
-                                                          *past, momentum, eps, update_state,
-                                                          process_group, impl)
+                                                          *past, training, momentum, eps, update_state,
+                                                          impl=impl, process_group=process_group)
     else:
         y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
                                                    training, momentum, eps, update_state)
