@@ -11,9 +11,8 @@ backends (``reference``, ``cpu``, ``triton``, ``cuda``) are available here.
 from . import functional, reference
 from .backend import BACKEND_NAMES, available_backends, backends
 from .cbn_window import CBNWindow
-from .distributed import convert_sync
 from .model_tools import (L2SP, InputNorm, PiecewiseAffine, bn_param_groups, bn_scale_init_,
-                          convert_model, find_conv_bn_pairs, fold_into_conv, l2sp_penalty, to_batchnorm)
+                          convert_model, convert_sync, find_conv_bn_pairs, fold_into_conv, l2sp_penalty, to_batchnorm)
 from .nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 

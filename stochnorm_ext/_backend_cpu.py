@@ -85,3 +85,40 @@ def _step_factor(momentum, num_batches_tracked):
     if momentum is None:
         return 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     return momentum
+
+
+# The four per-segment passes that stochnorm_ext.distributed composes with collectives.
+import torch  # noqa: E402
+
+from . import reference as _reference  # noqa: E402
+
+
+class PASSES:
+    """The four per-segment passes (``reference.PASSES``'s interface) on this backend's
+    kernels, ``torch.ops.stochnorm_ext.segment_*`` (the ``.default`` overloads, as
+    ``_ops.defaults`` calls them); tables in the accumulation dtype, statistics in float64.
+    Empty inputs take the plain-PyTorch passes (the kernels expect at least one value)."""
+
+    @staticmethod
+    def stats(x, pieces):
+        if x.numel() == 0:
+            return _reference.PASSES.stats(x, pieces)
+        return torch.ops.stochnorm_ext.segment_stats.default(x, pieces)
+
+    @staticmethod
+    def apply(x, center, scale, shift):
+        if x.numel() == 0:
+            return _reference.PASSES.apply(x, center, scale, shift)
+        return torch.ops.stochnorm_ext.segment_apply.default(x, center, scale, shift)
+
+    @staticmethod
+    def grad_sums(dy, x, center):
+        if x.numel() == 0:
+            return _reference.PASSES.grad_sums(dy, x, center)
+        return torch.ops.stochnorm_ext.segment_grad_sums.default(dy, x, center)
+
+    @staticmethod
+    def grad_apply(dy, x, center, k_dy, k_x, k_0):
+        if x.numel() == 0:
+            return _reference.PASSES.grad_apply(dy, x, center, k_dy, k_x, k_0)
+        return torch.ops.stochnorm_ext.segment_grad_apply.default(dy, x, center, k_dy, k_x, k_0)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm"]
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "PASSES"]
 
 # Every op of csrc/ops.cpp that has a device kernel (update_running_stats is
 # CompositeExplicitAutograd and runs everywhere).
@@ -53,4 +53,4 @@ else:
 
 # The layer functions only call torch.ops.stochnorm_ext.*, which dispatch on the tensors'
 # device: the CPU backend's wrappers serve CUDA tensors unchanged.
-from ._backend_cpu import batch_group_norm, cross_iteration_norm, stoch_norm  # noqa: E402,F401
+from ._backend_cpu import PASSES, batch_group_norm, cross_iteration_norm, stoch_norm  # noqa: E402,F401

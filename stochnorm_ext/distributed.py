@@ -1,10 +1,11 @@
 """Synchronised statistics across processes (``torch.distributed``), like ``nn.SyncBatchNorm``.
 
-With ``sync=True`` (a layer argument, a ``convert_model`` option, or :func:`convert_sync`)
+With ``sync=True`` (a layer argument, a ``convert_model`` option, or ``convert_sync``)
 a *training* forward takes its statistics over the union of the batches of every process
 of ``process_group`` (None: the default group), so W processes with batches
 ``n_1 .. n_W`` compute what one process computes on the concatenated batch: outputs, input
-gradients, running statistics and CBN windows. Batch sizes may differ between processes
+gradients, running statistics (``momentum=None`` included: the cumulative factor is read
+from ``num_batches_tracked``) and CBN windows. Batch sizes may differ between processes
 (an empty batch included: that process still takes part in every collective); statistics
 are merged with their counts, and fewer than 2 values per statistic over the whole group
 raises ValueError on every process. Parameter gradients stay local sums, as with
@@ -12,31 +13,28 @@ raises ValueError on every process. Parameter gradients stay local sums, as with
 collective runs in eval). Every process of the group must run the layer's training
 forward (and backward) the same number of times, as with any collective.
 
-torch.compile: synchronised layers compile with ``fullgraph=True`` (tested with the
-``aot_eager`` backend). Every collective is a functional one
-(``torch.distributed._functional_collectives``: ``all_gather_single``, ``all_reduce``),
-which dynamo traces into the graph and which runs eagerly as an ordinary collective; the
-all-reduce in the backward of the autograd.Function ``_SyncApply`` lands in the compiled
-backward graph. The value count stays a tensor, so a compiled step has no host
-synchronisation; the "fewer than 2 values" check is then ``torch._assert_async`` in the
-graph: a RuntimeError (not ValueError) with the same message, raised on every rank when
-the graph runs, before the graph's buffer updates are written back (so state is untouched
-under ``aot_eager``; inductor gives no such ordering promise). Eager keeps the ValueError.
+torch.compile: synchronised layers compile with ``fullgraph=True`` (tested with
+``aot_eager``). Every collective is a functional one (``all_gather_single``, ``all_reduce`` of
+``torch.distributed._functional_collectives``): dynamo traces it into the graph, eagerly it
+runs as an ordinary collective; the backward's all-reduce lands in the compiled backward
+graph. The value count stays a tensor, so the only host read of a training step is eager's
+"fewer than 2 values" check; under compile and CUDA graph capture it is ``torch._assert_async``
+instead: a RuntimeError (not ValueError) with the same message on every rank, before the
+graph's buffer updates are written back (state untouched under ``aot_eager``; inductor
+gives no such ordering promise).
 
-One implementation serves every backend. Per layer and step::
+One implementation serves every backend, composed like ``nn.SyncBatchNorm``
+(``batch_norm_stats``, ``batch_norm_gather_stats_with_counts``, ``batch_norm_elemt``) from
+the backend's four per-segment passes ``impl.PASSES`` (the op contract's ``segment_*``;
+``reference.PASSES`` in plain PyTorch). Per layer and step::
 
-    forward   local per-segment (count, mean, M2)     backend kernel or plain PyTorch
-              all_gather; Chan merge in float64        one collective
-              per-layer coefficients                   tiny (C,) / (C, P) tables, PyTorch
-              y = (x - center) * scale + shift         backend kernel or plain PyTorch
-    backward  local per-segment sum(dy), sum(dy (x - center))
-              all_reduce in float64                    one collective
-              dx = k_dy dy + k_x (x - center) + k_0    backend kernel or plain PyTorch
-
-"Backend kernel" means the ops ``torch.ops.stochnorm_ext.segment_stats / segment_apply /
-segment_grad_sums / segment_grad_apply`` of the ``cpu`` (and ``cuda``) backend; the
-``reference`` and ``triton`` backends take the plain-PyTorch passes (the Triton backend
-exposes no per-segment entry points).
+    forward   PASSES.stats: local per-segment (count, mean, M2)
+              all_gather; Chan merge in float64          _global_moments
+              per-layer (center, var, red); EMA          tiny (C,) / (G,) tables
+              PASSES.apply: (x - center) * scale + shift _SyncNormApply
+    backward  PASSES.grad_sums: sum(dy), sum(dy (x - center)) per segment
+              all_reduce in float64; k_x, k_0 from red   _grad_coefficients
+              PASSES.grad_apply: k_dy dy + k_x (x - center) + k_0
 
 Layer specifics:
 
@@ -46,32 +44,28 @@ Layer specifics:
 * BGN merges the statistics of each group's segments (whole channels for ``G | C``,
   one spatial piece of a channel for ``G = m * C``).
 * CBN syncs the current statistics (the compensated past ones are the same on every rank:
-  same window, same weights) and averages the Jacobians ``dmu``/``dvar`` with count weights
-  (:func:`conv_jacobians`), so every rank stores the same window entry. The Jacobians are
-  only needed by later steps, so the module (eager) overlaps that all-reduce with the rest
-  of the step (:func:`push_entry_deferred`): the entry lands before anything reads the
-  window (the layer's next forward, ``state_dict()``, ``load_state_dict``, ``.to()``,
-  pickling / deepcopy, ``bind``/``unbind``/``reset_window``); only the slot's Jacobian
-  buffers, read directly in between, show this rank's own values. The functional form
-  and compiled steps wait for it within the step.
+  same window, same weights), pools them with ``reference.pool_window``, and averages the
+  Jacobians ``dmu``/``dvar`` with count weights (:func:`conv_jacobians`), so every rank
+  stores the same window entry. The eager module overlaps that all-reduce with the rest of
+  the step (:func:`push_entry_deferred`, which says when the entry lands); the functional
+  form and compiled steps wait for it within the step.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import accumulate_dtype, memory_format_of
-from .cbn_window import ConvGeometry
-from .cbn_window import CBNWindow, push_entry
+from . import reference
+from ._checks import accumulate_dtype
+from .cbn_window import CBNWindow, ConvGeometry, push_entry
 from .cbn_window import conv_jacobians as _local_conv_jacobians
 from .reference import pool_window, update_running_stats
 
-__all__ = ["convert_sync", "check_ready", "stoch_norm", "batch_group_norm", "cross_iteration_norm",
+__all__ = ["check_ready", "stoch_norm", "batch_group_norm", "cross_iteration_norm",
            "conv_jacobians", "push_entry_deferred", "PendingEntry"]
 
 
@@ -81,23 +75,6 @@ def _funcol():
     and Triton must load after ``TRITON_INTERPRET`` is set, e.g. by the self-check)."""
     from torch.distributed import _functional_collectives
     return _functional_collectives
-
-
-# ------------------------------------------------------------------------------- public helpers
-def convert_sync(model: nn.Module, process_group: Optional["dist.ProcessGroup"] = None) -> nn.Module:
-    """Turn on synchronised statistics for every StochNorm, BGN and CBN layer of ``model``
-    (in place; returns ``model``), over ``process_group`` (None: the default group).
-
-    The counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm`` for this package's layers;
-    plain ``nn.BatchNorm*d`` layers are left alone (convert those with that function). To turn
-    sync off again, set ``layer.sync = False`` on the layers.
-    """
-    from .nn import _NormBase
-    for module in model.modules():
-        if isinstance(module, _NormBase):
-            module.sync = True
-            module.process_group = process_group
-    return model
 
 
 def check_ready(process_group, layer: str) -> None:
@@ -115,95 +92,30 @@ def check_ready(process_group, layer: str) -> None:
                            "of the process_group given for sync")
 
 
-# ------------------------------------------------------------------------------- the big passes
-def _segments(x: Tensor, pieces: int) -> Tensor:
-    """x (N, C, *S) in the accumulation dtype, viewed as (N, C, pieces, S / pieces)."""
-    N, C = x.shape[:2]
-    return x.to(accumulate_dtype(x)).reshape(N, C, pieces, math.prod(x.shape[2:]) // pieces)
-
-
-def _table(t: Tensor) -> Tensor:
-    """A (C, P) table broadcast over (N, C, P, L)."""
-    return t.unsqueeze(0).unsqueeze(-1)
-
-
-class _TorchPasses:
-    """The four big passes in plain PyTorch (reference and triton backends, empty inputs)."""
-
-    @staticmethod
-    def stats(x: Tensor, pieces: int) -> Tuple[Tensor, Tensor]:
-        """float64 (mean, m2) per segment, as the kernels' segment_stats: computed on the
-        values minus each segment's first value, so that the means keep their digits at a
-        large common offset (segments and ranks are merged by their means' differences)."""
-        xs = _segments(x, pieces)
-        if xs.numel() == 0:
-            zeros = xs.new_zeros(xs.shape[1:3], dtype=torch.float64)
-            return zeros, zeros.clone()
-        shift = xs[:1, :, :, :1]
-        var, mean = torch.var_mean(xs - shift, dim=(0, 3), correction=0)
-        return shift.reshape(mean.shape).double() + mean.double(), var.double() * (xs.shape[0] * xs.shape[3])
-
-    @staticmethod
-    def apply(x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        xs = _segments(x, center.shape[1])
-        y = (xs - _table(center)) * _table(scale) + _table(shift)
-        return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
-
-    @staticmethod
-    def grad_sums(dy: Tensor, x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
-        pieces = center.shape[1]
-        dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
-        return dys.sum((0, 3)), (dys * (xs - _table(center))).sum((0, 3))
-
-    @staticmethod
-    def grad_apply(dy, x, center, k_dy, k_x, k_0) -> Tensor:
-        pieces = center.shape[1]
-        dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
-        dx = _table(k_dy) * dys + _table(k_x) * (xs - _table(center)) + _table(k_0)
-        return dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
-
-
-class _KernelPasses:
-    """The same passes on the backend's kernels, ``torch.ops.stochnorm_ext.segment_*``
-    (tables in the accumulation dtype, statistics in float64; the ``.default`` overloads, as
-    ``_ops.defaults`` calls them). Empty inputs go to the PyTorch passes."""
-
-    @staticmethod
-    def stats(x, pieces):
-        if x.numel() == 0:
-            return _TorchPasses.stats(x, pieces)
-        return torch.ops.stochnorm_ext.segment_stats.default(x, pieces)
-
-    @staticmethod
-    def apply(x, center, scale, shift):
-        if x.numel() == 0:
-            return _TorchPasses.apply(x, center, scale, shift)
-        return torch.ops.stochnorm_ext.segment_apply.default(x, center, scale, shift)
-
-    @staticmethod
-    def grad_sums(dy, x, center):
-        if x.numel() == 0:
-            return _TorchPasses.grad_sums(dy, x, center)
-        return torch.ops.stochnorm_ext.segment_grad_sums.default(dy, x, center)
-
-    @staticmethod
-    def grad_apply(dy, x, center, k_dy, k_x, k_0):
-        if x.numel() == 0:
-            return _TorchPasses.grad_apply(dy, x, center, k_dy, k_x, k_0)
-        return torch.ops.stochnorm_ext.segment_grad_apply.default(dy, x, center, k_dy, k_x, k_0)
-
-
 def _passes(impl):
-    """The backend's kernels when it runs on the ``segment_*`` ops (cpu, cuda), plain PyTorch
-    otherwise. ``_backend.resolve`` picked ``impl`` for the input's device and only offers cpu / cuda
-    where their kernels (the ``segment_*`` ones included) exist for that device."""
-    name = getattr(impl, "__name__", "").rsplit(".", 1)[-1]
-    return _KernelPasses if name in ("_backend_cpu", "_backend_cuda") else _TorchPasses
+    """The backend's four passes. The getattr default serves a backend module that does not
+    export ``PASSES`` yet (the Triton one, whose passes are the reference's)."""
+    return getattr(impl, "PASSES", reference.PASSES)
 
 
 def _group(process_group):
     """The group the functional collectives run on (None: the default group)."""
     return dist.group.WORLD if process_group is None else process_group
+
+
+def _host_may_sync(x: Tensor) -> bool:
+    """Whether a check may read a device value on the host: not while compiling (the graph
+    would break) nor while a CUDA graph is being captured (a sync there fails the capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_cumulative(momentum, num_batches_tracked, updates: bool, layer: str) -> None:
+    """``momentum=None`` reads its factor from ``num_batches_tracked``: refused without it,
+    before any collective runs (every rank raises alike, nothing has changed)."""
+    if updates and momentum is None and num_batches_tracked is None:
+        raise RuntimeError(f"{layer}: momentum=None (cumulative average) needs num_batches_tracked, got None")
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -222,9 +134,9 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
     (segment s = c * pieces + p; BGN's groups of whole channels have k = C / G).
 
     Raises ValueError (on every rank alike, before any state changes) when a statistic
-    covers fewer than 2 values across the group. Under torch.compile that check runs in the
-    graph instead (``torch._assert_async``, a RuntimeError with the same message when the
-    graph runs), so the compiled step has no host synchronisation."""
+    covers fewer than 2 values across the group. Under torch.compile or CUDA graph capture
+    that check runs on the device instead (``torch._assert_async``, a RuntimeError with the
+    same message), so the step has no host synchronisation."""
     C = x.shape[1]
     local_count = x.numel() // (C * pieces)
     mean, m2 = passes.stats(x, pieces)
@@ -233,7 +145,7 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
     if extra is not None:
         parts.append(extra.double().flatten())
     # Detached: the all-gather is differentiable, but the gradient through the statistics is
-    # _SyncApply's (its own all-reduce); the functional collective is one dynamo traces.
+    # _SyncNormApply's (its own all-reduce); the functional collective is one dynamo traces.
     payload = torch.cat(parts).detach()
     table = _funcol().all_gather_single(payload.unsqueeze(0), 0, _group(process_group))  # (W, 1 + 2CP [+ extra])
     segs = C * pieces
@@ -243,7 +155,7 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
     total = table[:, 0].sum() * k  # exact: counts are integers far below 2**53
     message = (f"{layer}: expected more than 1 value per statistic when training, got fewer summed over "
                f"the processes of the group (local input of shape {tuple(x.shape)})")
-    if torch.compiler.is_compiling():
+    if not _host_may_sync(x):
         torch._assert_async(total >= 2, message)
     elif total < 2:  # one host sync, eager only: every rank raises before any state changes
         raise ValueError(message.replace("fewer", f"{int(total)}"))
@@ -254,11 +166,20 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
 
 
 # ------------------------------------------------------------------------------- apply + backward
-class _SyncApply(torch.autograd.Function):
-    """``y = (x - center) * weight * invstd + bias`` per segment, whose backward includes the
-    path through the synchronised statistics: the segment sums of the gradient are
-    all-reduced over the group and weighted by ``red`` (1 / values behind the statistic, or
-    0 where the statistics are constants, e.g. StochNorm's moving branch)."""
+def _grad_coefficients(invstd: Tensor, red: Tensor, sum_a: Tensor, sum_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The backward's reduction-weight form (the op contract's norm_backward): with
+    ``A = sum weight * dy`` and ``B = sum weight * dy * (x - center)`` over every value of a
+    statistic (all ranks), ``dx = weight * invstd * dy + k_x (x - center) + k_0`` where
+    ``k_x = -invstd^3 red B`` and ``k_0 = -invstd red A`` (``red = 0``: constant statistics)."""
+    return -invstd ** 3 * red * sum_b, -invstd * red * sum_a
+
+
+class _SyncNormApply(torch.autograd.Function):
+    """``y = (x - center) * weight * invstd + bias`` per segment (``PASSES.apply``). The
+    statistics are not differentiable (as the contract's statistics ops): their dependence on
+    x is this backward's, through ``red``: the segment sums of the gradient are all-reduced
+    over the group, summed per statistic (``k`` consecutive segments) and turned into
+    ``k_x``, ``k_0`` by :func:`_grad_coefficients`."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, center, invstd, red, k, process_group, passes):
@@ -280,13 +201,12 @@ class _SyncApply(torch.autograd.Function):
         gamma = _per_channel(weight, C, center)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            # Reductions of the statistic each segment belongs to, over every rank.
+            # A and B of the statistic each segment belongs to, over every rank.
             sums = torch.stack([gamma * sum_dy, gamma * sum_dy_xc]).double()
             sums = _funcol().all_reduce(sums, "sum", _group(ctx.process_group))
             sums = sums.view(2, -1, ctx.k).sum(2, keepdim=True).expand(2, -1, ctx.k).reshape(2, C, P)
             sums = sums.to(center.dtype)
-            k_x = -invstd ** 3 * sums[1] * red
-            k_0 = -invstd * sums[0] * red
+            k_x, k_0 = _grad_coefficients(invstd, red, sums[0], sums[1])
             grad_x = ctx.passes.grad_apply(dy, x, center, (gamma * invstd).contiguous(), k_x, k_0)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_w = (sum_dy_xc * invstd).sum(1).to(weight.dtype)   # local, as DDP expects
@@ -302,76 +222,95 @@ def _per_channel(t: Optional[Tensor], C: int, like: Tensor, fill: float = 1.0) -
     return t.detach().to(like.dtype).view(C, 1)
 
 
-def _apply(x, weight, bias, center, invstd, red, k, process_group, passes) -> Tensor:
-    return _SyncApply.apply(x, weight, bias, center.contiguous(), invstd.contiguous(),
-                            red.contiguous(), k, process_group, passes)
+def _normalize(x, weight, bias, center, var, red, eps, k, process_group, passes) -> Tensor:
+    """Apply the per-segment tables (C, P) ``center``, ``var``, ``red`` to x."""
+    return _SyncNormApply.apply(x, weight, bias, center.contiguous(), torch.rsqrt(var + eps).contiguous(),
+                                red.contiguous(), k, process_group, passes)
 
 
 # ------------------------------------------------------------------------------- the three layers
-# Same arguments as the backends' functions (see _backend.py, training only) plus the group
-# and the backend module whose kernels to use; the functional forms call them when sync=True.
+# The backends' layer functions (backend interface v2, see _backend.py) plus, as keywords, the
+# backend module whose passes to use and the group. Training synchronises; eval never does
+# (it is the backend's own function, no collective).
 
 def stoch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
-               running_var: Tensor, mask: Tensor, momentum: float, eps: float, update_stats: bool,
-               process_group, impl) -> Tensor:
-    """Training StochNorm with statistics over the group; the group's first rank's ``mask``
+               running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: Optional[float],
+               eps: float, update_stats: bool = True, num_batches_tracked: Optional[Tensor] = None, *,
+               impl, process_group=None) -> Tensor:
+    """StochNorm with training statistics over the group; the group's first rank's ``mask``
     is used on every rank. See ``reference.stoch_norm`` for the math."""
+    if not training:
+        return impl.stoch_norm(x, weight, bias, running_mean, running_var, mask, False, momentum, eps, False)
+    layer = "stoch_norm"
+    _check_cumulative(momentum, num_batches_tracked, update_stats, layer)
     passes = _passes(impl)
     acc = accumulate_dtype(x)
-    moments = _global_moments(x, 1, 1, passes, process_group, "stoch_norm", extra=mask)
+    moments = _global_moments(x, 1, 1, passes, process_group, layer, extra=mask)
     mask = moments.extra.to(torch.bool)
     batch_mean, batch_var = moments.mean.to(acc), moments.var.to(acc)
     # The moving branch uses the running statistics as they were before this step.
     center = torch.where(mask, batch_mean, running_mean.detach().to(acc))
     var = torch.where(mask, batch_var, running_var.detach().to(acc))
     red = mask.to(acc) / moments.count  # moving-branch channels: constant statistics
-    invstd = torch.rsqrt(var + eps)
     if update_stats:
-        update_running_stats(running_mean, running_var, batch_mean, batch_var, moments.count, momentum)
-    return _apply(x, weight, bias, center.view(-1, 1), invstd.view(-1, 1), red.view(-1, 1), 1,
-                  process_group, passes)
+        update_running_stats(running_mean, running_var, batch_mean, batch_var, moments.count, momentum,
+                             num_batches_tracked)
+    return _normalize(x, weight, bias, center.view(-1, 1), var.view(-1, 1), red.view(-1, 1), eps, 1,
+                      process_group, passes)
 
 
 def batch_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                     running_mean: Optional[Tensor], running_var: Optional[Tensor], momentum: float,
-                     eps: float, update_stats: bool, process_group, impl) -> Tensor:
-    """Training BGN with group statistics over the group of processes. See
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                     momentum: Optional[float], eps: float, update_stats: bool = True,
+                     num_batches_tracked: Optional[Tensor] = None, *, impl, process_group=None) -> Tensor:
+    """BGN with training group statistics over the group of processes. See
     ``reference.batch_group_norm``."""
+    if not training:
+        return impl.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, False,
+                                     momentum, eps, False)
+    layer = "batch_group_norm"
+    _check_cumulative(momentum, num_batches_tracked, update_stats and running_mean is not None, layer)
     passes = _passes(impl)
     acc = accumulate_dtype(x)
     C = x.shape[1]
     pieces = 1 if C % num_groups == 0 else num_groups // C
     k = C // num_groups if C % num_groups == 0 else 1     # segments per group
-    moments = _global_moments(x, pieces, k, passes, process_group, "batch_group_norm")
+    moments = _global_moments(x, pieces, k, passes, process_group, layer)
     mean, var = moments.mean.to(acc), moments.var.to(acc)
     if update_stats and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, var, moments.count, momentum)
+        update_running_stats(running_mean, running_var, mean, var, moments.count, momentum, num_batches_tracked)
 
     def per_segment(t):  # (G,) -> (C, pieces)
         return t.repeat_interleave(k).view(C, pieces)
     red = torch.ones_like(mean) / moments.count
-    return _apply(x, weight, bias, per_segment(mean), per_segment(torch.rsqrt(var + eps)),
-                  per_segment(red), k, process_group, passes)
+    return _normalize(x, weight, bias, per_segment(mean), per_segment(var), per_segment(red), eps, k,
+                      process_group, passes)
 
 
 def cross_iteration_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                         past_mean: Tensor, past_var: Tensor, past_keep: Tensor, momentum: float,
-                         eps: float, update_stats: bool, process_group, impl
+                         past_mean: Tensor, past_var: Tensor, past_keep: Tensor, training: bool,
+                         momentum: Optional[float], eps: float, update_stats: bool = True,
+                         num_batches_tracked: Optional[Tensor] = None, *, impl, process_group=None
                          ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Training CBN with the current statistics over the group (the compensated past ones
+    """CBN with the current training statistics over the group (the compensated past ones
     are the same on every rank). Returns ``(y, mu_t, var_t)`` with the group's current
     statistics. See ``reference.cross_iteration_norm``."""
+    if not training:
+        return impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, past_var,
+                                         past_keep, False, momentum, eps, False)
+    layer = "cross_iteration_batch_norm"
+    _check_cumulative(momentum, num_batches_tracked, update_stats and running_mean is not None, layer)
     passes = _passes(impl)
     acc = accumulate_dtype(x)
-    moments = _global_moments(x, 1, 1, passes, process_group, "cross_iteration_batch_norm")
+    moments = _global_moments(x, 1, 1, passes, process_group, layer)
     mu_t, var_t = moments.mean.to(acc), moments.var.to(acc)
     mu, var, count = pool_window(mu_t, var_t, past_mean, past_var, past_keep)
     red = 1.0 / (count * moments.count)
     if update_stats and running_mean is not None:
-        update_running_stats(running_mean, running_var, mu_t, var_t, moments.count, momentum)
-    y = _apply(x, weight, bias, mu.view(-1, 1), torch.rsqrt(var + eps).view(-1, 1), red.view(-1, 1), 1,
-               process_group, passes)
+        update_running_stats(running_mean, running_var, mu_t, var_t, moments.count, momentum, num_batches_tracked)
+    y = _normalize(x, weight, bias, mu.view(-1, 1), var.view(-1, 1), red.view(-1, 1), eps, 1,
+                   process_group, passes)
     return y, mu_t, var_t
 
 

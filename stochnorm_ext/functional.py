@@ -206,8 +206,8 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
                 on_mask(mask)
     counter = num_batches_tracked if training and update_stats else None
     if syncing:
-        return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, momentum,
-                                      eps, update_stats, process_group, impl, counter)
+        return distributed.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
+                                      eps, update_stats, counter, impl=impl, process_group=process_group)
     return impl.stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momentum,
                            eps, update_stats, counter)
 
@@ -253,8 +253,9 @@ def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, tr
         _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
     counter = num_batches_tracked if training and update_stats else None
     if syncing:
-        return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var,
-                                            momentum, eps, update_stats, process_group, impl, counter)
+        return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
+                                            momentum, eps, update_stats, counter, impl=impl,
+                                            process_group=process_group)
     return impl.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
                                  momentum, eps, update_stats, counter)
 
@@ -391,8 +392,8 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
         past = (empty, empty, empty.to(torch.bool))
     if syncing:
         y, mu_t, var_t = distributed.cross_iteration_norm(x, weight, bias, running_mean, running_var,
-                                                          *past, momentum, eps, update_state,
-                                                          process_group, impl)
+                                                          *past, training, momentum, eps, update_state,
+                                                          impl=impl, process_group=process_group)
     else:
         y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
                                                    training, momentum, eps, update_state)

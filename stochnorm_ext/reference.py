@@ -13,6 +13,7 @@ input) with ``torch.var_mean``, which is stable for data with a large common off
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from ._checks import accumulate_dtype, memory_format_of, stat_dims
 
-__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "pool_window", "update_running_stats"]
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "pool_window", "update_running_stats",
+           "PASSES"]
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
@@ -182,3 +184,65 @@ def cross_iteration_norm(
         n = xf.numel() // xf.shape[1]
         update_running_stats(running_mean, running_var, mu_t, var_t, n, momentum, num_batches_tracked)
     return y, mu_t.detach(), var_t.detach()
+
+
+# ------------------------------------------------------------------------------- the four passes
+# The per-segment passes that ``stochnorm_ext.distributed`` composes with collectives (the
+# op contract's ``segment_*`` ops, in plain PyTorch): the passes of every backend without
+# kernels for them, and what the kernels' passes are tested against. A segment is one
+# channel (``pieces = 1``) or one of ``pieces`` contiguous runs of a channel's flattened
+# spatial positions; tables are (C, pieces), statistics float64, the rest in the tables'
+# dtype (the accumulation dtype).
+
+def _segments(x: Tensor, pieces: int) -> Tensor:
+    """x (N, C, *S) in the accumulation dtype, viewed as (N, C, pieces, S / pieces)."""
+    N, C = x.shape[:2]
+    return x.to(accumulate_dtype(x)).reshape(N, C, pieces, math.prod(x.shape[2:]) // pieces)
+
+
+def _table(t: Tensor) -> Tensor:
+    """A (C, P) table broadcast over (N, C, P, L)."""
+    return t.unsqueeze(0).unsqueeze(-1)
+
+
+class _PlainPasses:
+    """``stats``, ``apply``, ``grad_sums``, ``grad_apply``: one object, as each backend's
+    ``PASSES`` (so a caller picks a backend's passes by attribute, never by module name)."""
+
+    @staticmethod
+    def stats(x: Tensor, pieces: int) -> Tuple[Tensor, Tensor]:
+        """float64 (mean, m2) per segment, as the kernels' segment_stats: computed on the
+        values minus each segment's first value, so that the means keep their digits at a
+        large common offset (segments and ranks are merged by their means' differences)."""
+        xs = _segments(x, pieces)
+        if xs.numel() == 0:
+            zeros = xs.new_zeros(xs.shape[1:3], dtype=torch.float64)
+            return zeros, zeros.clone()
+        shift = xs[:1, :, :, :1]
+        var, mean = torch.var_mean(xs - shift, dim=(0, 3), correction=0)
+        return shift.reshape(mean.shape).double() + mean.double(), var.double() * (xs.shape[0] * xs.shape[3])
+
+    @staticmethod
+    def apply(x: Tensor, center: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        """y = (x - center) * scale + shift per segment, in x's dtype and memory format."""
+        xs = _segments(x, center.shape[1])
+        y = (xs - _table(center)) * _table(scale) + _table(shift)
+        return _finish(y.reshape(x.shape), x)
+
+    @staticmethod
+    def grad_sums(dy: Tensor, x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per segment: sum(dy), sum(dy * (x - center)), in the tables' dtype."""
+        pieces = center.shape[1]
+        dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
+        return dys.sum((0, 3)), (dys * (xs - _table(center))).sum((0, 3))
+
+    @staticmethod
+    def grad_apply(dy: Tensor, x: Tensor, center: Tensor, k_dy: Tensor, k_x: Tensor, k_0: Tensor) -> Tensor:
+        """dx = k_dy * dy + k_x * (x - center) + k_0 per segment, in x's dtype and memory format."""
+        pieces = center.shape[1]
+        dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
+        dx = _table(k_dy) * dys + _table(k_x) * (xs - _table(center)) + _table(k_0)
+        return _finish(dx.reshape(x.shape), x)
+
+
+PASSES = _PlainPasses()

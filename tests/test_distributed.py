@@ -8,68 +8,18 @@ several optimiser steps; eval must run no collective. Two spawns cover every lay
 BGN groupings and every backend available here, plus DistributedDataParallel training of
 converted models. NCCL (GPUs) is not exercised here.
 """
-import contextlib
 import copy
-import datetime
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import stochnorm_ext as sx
-from conftest import available
+from sync_plumbing import BACKENDS, close, no_collectives, randomize, rank_slice, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
-
-BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b, "cpu")]
-TOL = dict(rtol=1e-9, atol=1e-9)
-
-
-# --------------------------------------------------------------------------- process plumbing
-def _entry(rank, world, path, fn, args):
-    torch.set_num_threads(1)  # W processes share 2 cores
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world, fn, *args):
-    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes; a failure in any of them
-    fails the test with its traceback."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world, join=True)
-
-
-def _slice(sizes, rank):
-    lo = sum(sizes[:rank])
-    return lo, lo + sizes[rank]
-
-
-@contextlib.contextmanager
-def _no_collectives():
-    """Any collective inside raises (eval must never sync)."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a collective ran in eval")
-    from torch.distributed import _functional_collectives as funcol
-    saved = {(module, name): getattr(module, name)
-             for module, names in ((dist, ("all_gather", "all_reduce", "broadcast")),
-                                   (funcol, ("all_gather_single", "all_gather_tensor", "all_reduce")))
-             for name in names}
-    for module, name in saved:
-        setattr(module, name, forbidden)
-    try:
-        yield
-    finally:
-        for (module, name), fn in saved.items():
-            setattr(module, name, fn)
 
 
 # --------------------------------------------------------------------------- layers
@@ -86,33 +36,17 @@ LAYERS = {
 }
 
 
-def _randomize(module):
-    with torch.no_grad():
-        for name, t in module.named_parameters():
-            t.copy_(torch.rand_like(t) + 0.5 if name.endswith("norm.weight") or name == "weight"
-                    else torch.randn_like(t) * 0.3)
-        for name, t in module.named_buffers():
-            if name.endswith("running_mean"):
-                t.copy_(torch.randn_like(t))
-            elif name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-
-
-def _close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
-
-
 def _check_layer(rank, sizes, name, backend):
     """3 training steps of one layer on this rank's slice against one process (the reference
     backend, no sync) on the whole batch; then eval without collectives."""
     factory, shape, fmt = LAYERS[name]
     torch.manual_seed(0)
     single = factory(backend="reference").double()
-    _randomize(single)
+    randomize(single)
     synced = factory(backend=backend, sync=True).double()
     synced.load_state_dict(single.state_dict())
     opts = [torch.optim.SGD(m.parameters(), lr=0.2) for m in (single, synced)]
-    lo, hi = _slice(sizes, rank)
+    lo, hi = rank_slice(sizes, rank)
     total = sum(sizes)
     for step in range(3):
         g = torch.Generator().manual_seed(100 + step)
@@ -128,26 +62,26 @@ def _check_layer(rank, sizes, name, backend):
         ys.backward(dy)
         yl.backward(dy[lo:hi])
         what = f"{name}/{backend} step {step} rank {rank}"
-        _close(yl, ys[lo:hi], what + " output")
+        close(yl, ys[lo:hi], what + " output")
         if fmt is not None and hi > lo:
             assert yl.is_contiguous(memory_format=fmt), what
-        _close(xl.grad, xs.grad[lo:hi], what + " input gradient")
+        close(xl.grad, xs.grad[lo:hi], what + " input gradient")
         for (pname, ps), pl in zip(single.named_parameters(), synced.parameters()):
             dist.all_reduce(pl.grad)  # what DDP does (it averages; the sum is the same check)
-            _close(pl.grad, ps.grad, f"{what} gradient of {pname}")
+            close(pl.grad, ps.grad, f"{what} gradient of {pname}")
         for opt in opts:
             opt.step()
             opt.zero_grad()
         for (bname, bs), bl in zip(single.state_dict().items(), synced.state_dict().values()):
             if bs.is_floating_point():
-                _close(bl, bs, f"{what} {bname}")
+                close(bl, bs, f"{what} {bname}")
             else:
                 assert torch.equal(bl, bs), f"{what} {bname}"
     single.eval()
     synced.eval()
     x = torch.randn(total, *shape, dtype=torch.float64)
-    with _no_collectives(), torch.no_grad():
-        _close(synced(x[lo:hi]), single(x)[lo:hi], f"{name}/{backend} eval")
+    with no_collectives(), torch.no_grad():
+        close(synced(x[lo:hi]), single(x)[lo:hi], f"{name}/{backend} eval")
 
 
 def _layers_worker(rank, world, sizes, backends):
@@ -166,7 +100,7 @@ def _layers_worker(rank, world, sizes, backends):
 def test_every_layer_matches_one_process_on_the_whole_batch():
     """3 processes with batches of 3, 1 and 0 samples (a lone sample: one value per statistic
     locally, an empty batch: still a member of every collective)."""
-    _spawn(3, _layers_worker, (3, 1, 0), BACKENDS)
+    spawn(3, _layers_worker, (3, 1, 0), BACKENDS)
 
 
 # --------------------------------------------------------------------------- DDP
@@ -187,7 +121,7 @@ KINDS = {
 
 def _ddp_worker(rank, world, sizes, kinds):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    lo, hi = _slice(sizes, rank)
+    lo, hi = rank_slice(sizes, rank)
     total = sum(sizes)
     for key in kinds:
         kind, options = KINDS[key]
@@ -212,20 +146,20 @@ def _ddp_worker(rank, world, sizes, kinds):
             loss_d.backward()
             summed = loss_d.detach() / world
             dist.all_reduce(summed)
-            _close(summed, loss_s.detach(), f"DDP {key} loss step {step}")
+            close(summed, loss_s.detach(), f"DDP {key} loss step {step}")
             opt_s.step()
             opt_d.step()
             opt_s.zero_grad()
             opt_d.zero_grad()
             for (name, a), b in zip(single.state_dict().items(), synced.state_dict().values()):
-                _close(b.double(), a.double(), f"DDP {key} step {step} {name}")
+                close(b.double(), a.double(), f"DDP {key} step {step} {name}")
 
 
 @pytest.mark.timeout(300)
 def test_ddp_training_of_converted_models_matches_one_process():
     """DistributedDataParallel with 2 processes (batches of 2 and 3) trains converted models
     (every kind, sync via convert_sync) exactly like one process on the whole batch."""
-    _spawn(2, _ddp_worker, (2, 3), list(KINDS))
+    spawn(2, _ddp_worker, (2, 3), list(KINDS))
 
 
 # --------------------------------------------------------------------------- in this process
@@ -277,25 +211,6 @@ def test_convert_model_and_convert_sync_set_the_option():
     assert not any(m.sync for m in converted.modules() if isinstance(m, sx.StochNorm2d))
 
 
-def test_sync_uses_the_backend_kernels_where_there_are_any():
-    """The cpu (and cuda) backends' segment_* ops run the big passes of the synchronised
-    path; reference and triton take the plain-PyTorch passes."""
-    from stochnorm_ext import distributed
-    from stochnorm_ext.backend import resolve
-    x = torch.randn(2, 3, 4)
-    for backend in BACKENDS:
-        expected = distributed._KernelPasses if backend == "cpu" else distributed._TorchPasses
-        assert distributed._passes(resolve(backend, x.device)) is expected, backend
-    if "cpu" in BACKENDS:  # the two implementations of the passes agree
-        center, scale, shift = torch.randn(3, 2), torch.rand(3, 2), torch.randn(3, 2)
-        dy = torch.randn_like(x)
-        for name, args in (("stats", (x, 2)), ("apply", (x, center, scale, shift)),
-                           ("grad_sums", (dy, x, center)), ("grad_apply", (dy, x, center, scale, shift, center))):
-            a = getattr(distributed._KernelPasses, name)(*args)
-            b = getattr(distributed._TorchPasses, name)(*args)
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-
-
 # --------------------------------------------------------------------------- torch.compile
 def _conv2dcbn_model():
     return nn.Sequential(
@@ -322,13 +237,13 @@ def _local_loss(model, x, target, total):
 
 
 def _compiled_worker(rank, world, sizes, keys):
-    lo, hi = _slice(sizes, rank)
+    lo, hi = rank_slice(sizes, rank)
     total = sum(sizes)
     for key in keys:
         torch._dynamo.reset()
         torch.manual_seed(0)
         single = COMPILED[key]().double()
-        _randomize(single)
+        randomize(single)
         eager = sx.convert_sync(copy.deepcopy(single))
         assert sum(getattr(m, "sync", False) for m in eager.modules()) == 2, key
         compiled = copy.deepcopy(eager)
@@ -349,13 +264,13 @@ def _compiled_worker(rank, world, sizes, keys):
                 loss.backward()
                 results.append(out)
             what = f"compiled {key} step {step} rank {rank}"
-            _close(results[0], out_s[lo:hi], what + " eager output")
-            _close(results[1], out_s[lo:hi], what + " compiled output")
+            close(results[0], out_s[lo:hi], what + " eager output")
+            close(results[1], out_s[lo:hi], what + " compiled output")
             for name, ps in single.named_parameters():
                 for model, kind in ((eager, "eager"), (compiled, "compiled")):
                     grad = model.get_parameter(name).grad
                     dist.all_reduce(grad)  # what DDP does (it averages: the same check)
-                    _close(grad, ps.grad, f"{what} {kind} gradient of {name}")
+                    close(grad, ps.grad, f"{what} {kind} gradient of {name}")
             for opt in opts:
                 opt.step()
                 opt.zero_grad()
@@ -365,7 +280,7 @@ def _compiled_worker(rank, world, sizes, keys):
                 assert state.keys() == reference.keys(), what
                 for name, expected in reference.items():
                     if expected.is_floating_point():
-                        _close(state[name], expected, f"{what} {kind} {name}")
+                        close(state[name], expected, f"{what} {kind} {name}")
                     else:
                         assert torch.equal(state[name], expected), f"{what} {kind} {name}"
         if key == "cbn":  # the window took part: 3 steps after a burn-in of 1 fill both slots
@@ -380,7 +295,7 @@ def test_compiled_fullgraph_sync_training_matches_eager_and_one_process():
     traced (forward all-gather, backward all-reduce, CBN's Jacobian all-reduce), and 3 SGD
     steps give the outputs, gradients, running statistics and CBN windows of the eager
     synchronised models and of one process on the whole batch."""
-    _spawn(2, _compiled_worker, (2, 3), list(COMPILED))
+    spawn(2, _compiled_worker, (2, 3), list(COMPILED))
 
 
 # --------------------------------------------------------------------------- CBN's deferred Jacobian average
@@ -392,11 +307,11 @@ def _deferred_worker(rank, world, sizes):
     the functional form, whose all-reduce is waited for in the step: same outputs and the same
     window, bitwise, whether the entry lands in state_dict() right after the step or in the
     next forward after the optimiser changed the conv weight in place."""
-    lo, hi = _slice(sizes, rank)
+    lo, hi = rank_slice(sizes, rank)
     total = sum(sizes)
     torch.manual_seed(0)
     layer = sx.Conv2dCBN(3, 6, 3, padding=1, window=3, burnin=1, rho=0.8, sync=True).double()
-    _randomize(layer)
+    randomize(layer)
     conv_w = layer.conv.weight.detach().clone()
     gamma, beta = layer.norm.weight.detach().clone(), layer.norm.bias.detach().clone()
     rm, rv = layer.norm.running_mean.clone(), layer.norm.running_var.clone()
@@ -430,4 +345,4 @@ def _deferred_worker(rank, world, sizes):
 
 @pytest.mark.timeout(300)
 def test_cbn_jacobian_average_overlaps_the_step_with_no_observable_difference():
-    _spawn(2, _deferred_worker, (2, 3))
+    spawn(2, _deferred_worker, (2, 3))

@@ -11,7 +11,7 @@ from .conv_bn import feeders_by_order, single_feeders, trace_feeders
 from ..nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
-__all__ = ["convert_model", "find_conv_bn_pairs"]
+__all__ = ["convert_model", "convert_sync", "find_conv_bn_pairs"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _KINDS = ("stochnorm", "bgn", "cbn")
@@ -214,4 +214,25 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
         warnings.warn(f"convert_model(kind='cbn'): no nn.Conv2d feeds {skipped} directly (for a BatchNorm "
                       "used at several places: no single conv feeds every use); left as BatchNorm",
                       stacklevel=2)
+    return model
+
+
+# The layers that take sync=True (Conv2dCBN's norm is a CrossIterationBatchNorm2d).
+_SYNC_LAYERS = (StochNorm1d, StochNorm2d, StochNorm3d, BatchGroupNorm1d, BatchGroupNorm2d,
+                BatchGroupNorm3d, CrossIterationBatchNorm2d)
+
+
+def convert_sync(model: nn.Module, process_group=None) -> nn.Module:
+    """Turn on synchronised statistics for every StochNorm, BGN and CBN layer of ``model``
+    (in place; returns ``model``), over ``process_group`` (None: the default group; see
+    ``stochnorm_ext.distributed``).
+
+    The counterpart of ``nn.SyncBatchNorm.convert_sync_batchnorm`` for this package's layers;
+    plain ``nn.BatchNorm*d`` layers are left alone (convert those with that function). To turn
+    sync off again, set ``layer.sync = False`` on the layers.
+    """
+    for module in model.modules():
+        if isinstance(module, _SYNC_LAYERS):
+            module.sync = True
+            module.process_group = process_group
     return model
