@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .conv_bn import feeders_by_order, single_feeders, trace_feeders
-from ..nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
+from ..nn import (LAYER_TYPES, BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
 
 __all__ = ["convert_model", "convert_sync", "find_conv_bn_pairs"]
@@ -217,11 +217,6 @@ def convert_model(model: nn.Module, kind: str, **options) -> nn.Module:
     return model
 
 
-# The layers that take sync=True (Conv2dCBN's norm is a CrossIterationBatchNorm2d).
-_SYNC_LAYERS = (StochNorm1d, StochNorm2d, StochNorm3d, BatchGroupNorm1d, BatchGroupNorm2d,
-                BatchGroupNorm3d, CrossIterationBatchNorm2d)
-
-
 def convert_sync(model: nn.Module, process_group=None) -> nn.Module:
     """Turn on synchronised statistics for every StochNorm, BGN and CBN layer of ``model``
     (in place; returns ``model``), over ``process_group`` (None: the default group; see
@@ -232,7 +227,7 @@ def convert_sync(model: nn.Module, process_group=None) -> nn.Module:
     sync off again, set ``layer.sync = False`` on the layers.
     """
     for module in model.modules():
-        if isinstance(module, _SYNC_LAYERS):
+        if isinstance(module, LAYER_TYPES):  # Conv2dCBN's norm is one of them
             module.sync = True
             module.process_group = process_group
     return model
