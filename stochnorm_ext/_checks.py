@@ -11,6 +11,9 @@ from typing import Iterable, Optional
 
 import torch
 
+# The shared rules, for the callers that validate and shape outputs alike.
+from ._rules import accumulate_dtype, grouping, memory_format_of  # noqa: F401
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -112,11 +115,13 @@ def stat_dims(x: torch.Tensor):
 def check_num_groups(num_groups: int, num_features: int) -> None:
     """Construction-time rule of BGN: G divides C, or G is a multiple of C."""
     check_hyper("num_groups", num_groups, low=1, integer=True)
-    if num_features % num_groups != 0 and num_groups % num_features != 0:
+    try:
+        grouping(num_features, num_groups)
+    except ValueError:
         raise ValueError(
             f"num_groups must divide num_features or be a multiple of it, "
             f"got num_groups={num_groups}, num_features={num_features}"
-        )
+        ) from None
 
 
 def check_groups_fit(num_groups: int, x: torch.Tensor, layer: str) -> int:
@@ -125,13 +130,12 @@ def check_groups_fit(num_groups: int, x: torch.Tensor, layer: str) -> int:
     Returns the number of pieces per channel (1 when G divides C).
     """
     C = x.shape[1]
-    if C % num_groups == 0:
+    try:
+        pieces = grouping(C, num_groups).pieces
+    except ValueError as error:
+        raise ValueError(f"{layer}: {error}") from None
+    if pieces == 1:
         return 1
-    if num_groups % C != 0:
-        raise ValueError(
-            f"{layer}: num_groups={num_groups} must divide the {C} channels or be a multiple of them"
-        )
-    pieces = num_groups // C
     S = spatial_size(x)
     if S % pieces != 0:
         raise ValueError(
@@ -140,17 +144,3 @@ def check_groups_fit(num_groups: int, x: torch.Tensor, layer: str) -> int:
             f"{tuple(x.shape[2:])} ({S} positions)"
         )
     return pieces
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The memory format an output should keep (channels_last inputs give channels_last outputs)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics accumulate in float32, or float64 for float64 input (docs/SPEC.md)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from ._checks import accumulate_dtype
+from ._rules import accumulate_dtype, grouping
 from .cbn_window import CBNWindow, ConvGeometry, push_entry
 from .cbn_window import conv_jacobians as _local_conv_jacobians
 from .reference import pool_window, update_running_stats
@@ -273,8 +273,7 @@ def batch_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias:
     passes = _passes(impl)
     acc = accumulate_dtype(x)
     C = x.shape[1]
-    pieces = 1 if C % num_groups == 0 else num_groups // C
-    k = C // num_groups if C % num_groups == 0 else 1     # segments per group
+    pieces, k = grouping(C, num_groups)   # k: segments per group
     moments = _global_moments(x, pieces, k, passes, process_group, layer)
     mean, var = moments.mean.to(acc), moments.var.to(acc)
     if update_stats and running_mean is not None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, distributed
+from ._rules import accumulate_dtype
 from .backend import resolve
 from .cbn_window import CBNWindow, ConvGeometry, compensated_past, conv_jacobians, push_entry
 
@@ -60,7 +61,7 @@ def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shap
 def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """N == 0: an empty output still connected to the graph of x, weight and bias."""
     from .reference import _affine, _finish
-    return _finish(_affine(x.to(_checks.accumulate_dtype(x)), weight, bias), x)
+    return _finish(_affine(x.to(accumulate_dtype(x)), weight, bias), x)
 
 
 def _empty_step(x, weight, bias, training, update_stats, num_batches_tracked) -> Tensor:
@@ -388,7 +389,7 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
     if use_window and past is None:
         past = compensated_past(window, conv_weight, rho, burnin)
     if past is None:
-        empty = x.new_zeros(0, C, dtype=_checks.accumulate_dtype(x))
+        empty = x.new_zeros(0, C, dtype=accumulate_dtype(x))
         past = (empty, empty, empty.to(torch.bool))
     if syncing:
         y, mu_t, var_t = distributed.cross_iteration_norm(x, weight, bias, running_mean, running_var,

@@ -19,7 +19,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._checks import accumulate_dtype, memory_format_of, stat_dims
+from ._checks import stat_dims
+from ._rules import accumulate_dtype, memory_format_of
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "pool_window", "update_running_stats",
            "PASSES"]

@@ -23,7 +23,7 @@ def test_sync_runs_the_passes_of_the_backend_it_is_given():
     segment_* kernels, the reference's plain-PyTorch passes for reference and triton; a
     backend is never told apart by its module's name."""
     from stochnorm_ext import _backend_cpu, _backend_cuda, distributed, reference
-    from stochnorm_ext._backend import resolve
+    from stochnorm_ext.backend import resolve
     for backend in BACKENDS:
         expected = _backend_cpu.PASSES if backend == "cpu" else reference.PASSES
         assert distributed._passes(resolve(backend, torch.device("cpu"))) is expected, backend
@@ -112,7 +112,7 @@ def _state(key, g):
 
 def _cumulative_worker(rank, world, sizes, backends):
     from stochnorm_ext import distributed, reference
-    from stochnorm_ext._backend import resolve
+    from stochnorm_ext.backend import resolve
     lo, hi = rank_slice(sizes, rank)
     for backend in backends:
         for key, (shape, _, fn) in FUNCTIONS.items():
@@ -184,7 +184,7 @@ class _HostReads(TorchDispatchMode):
 
 def _host_sync_worker(rank, world, backends):
     from stochnorm_ext import distributed, reference
-    from stochnorm_ext._backend import resolve
+    from stochnorm_ext.backend import resolve
     g = torch.Generator().manual_seed(5)
     for backend in backends:
         impl = resolve(backend, torch.device("cpu"))

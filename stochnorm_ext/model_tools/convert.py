@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._rules import grouping
 from .conv_bn import feeders_by_order, single_feeders, trace_feeders
 from ..nn import (LAYER_TYPES, BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
@@ -56,22 +57,29 @@ def _pooled_group_stats(mean: torch.Tensor, var: torch.Tensor, num_groups: int):
     """BN running statistics -> BGN group statistics (docs/SPEC.md): for G | C the group pools its
     channels (mean of means; mean of variances plus the spread of the means); for G = m*C each
     channel's statistics are replicated to its m pieces."""
-    C = mean.numel()
-    if C % num_groups == 0:
+    pieces, channels_per_group = grouping(mean.numel(), num_groups)
+    if pieces == 1:
         m = mean.double().view(num_groups, -1)
         v = var.double().view(num_groups, -1)
         gm = m.mean(1)
         gv = v.mean(1) + ((m - gm[:, None]) ** 2).mean(1)
         return gm, gv
-    pieces = num_groups // C
     return mean.repeat_interleave(pieces), var.repeat_interleave(pieces)
+
+
+def _fits(C: int, G: int) -> bool:
+    try:
+        grouping(C, G)
+    except ValueError:
+        return False
+    return True
 
 
 def _resolve_groups(num_groups, C: int, name: str) -> int:
     G = num_groups(C) if callable(num_groups) else num_groups
     if G is None:
         raise ValueError("convert_model(kind='bgn') needs num_groups (an int or a function of the channel count)")
-    if not isinstance(G, int) or G < 1 or (C % G and G % C):
+    if not isinstance(G, int) or isinstance(G, bool) or G < 1 or not _fits(C, G):
         raise ValueError(f"convert_model: num_groups={G!r} does not fit layer {name!r} with {C} channels "
                          "(it must divide the channel count or be a multiple of it)")
     return G

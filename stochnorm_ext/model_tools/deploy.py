@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .._rules import grouping, memory_format_of
 from .conv_bn import trace_feeders
 from ..nn import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
                       CrossIterationBatchNorm2d, StochNorm1d, StochNorm2d, StochNorm3d)
@@ -106,11 +107,7 @@ class PiecewiseAffine(nn.Module):
         y = (compute - table(self.mean)) * table(self.scale) + table(self.shift)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return y.contiguous(memory_format=torch.channels_last)
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return y.contiguous(memory_format=torch.channels_last_3d)
-        return y
+        return y.contiguous(memory_format=memory_format_of(x))
 
 
 def _copy(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -171,10 +168,10 @@ def _replacement(layer: nn.Module) -> Optional[nn.Module]:
         return None
     if not isinstance(layer, _BGN):
         return _batchnorm(layer, layer.running_mean, layer.running_var)  # StochNorm, CBN
-    C, G = layer.num_features, layer.num_groups
-    if C % G == 0:  # groups of C // G whole channels: expand the group statistics to channels
-        return _batchnorm(layer, layer.running_mean.repeat_interleave(C // G),
-                          layer.running_var.repeat_interleave(C // G))
+    pieces, channels_per_group = grouping(layer.num_features, layer.num_groups)
+    if pieces == 1:  # groups of whole channels: expand the group statistics to channels
+        return _batchnorm(layer, layer.running_mean.repeat_interleave(channels_per_group),
+                          layer.running_var.repeat_interleave(channels_per_group))
     return _piecewise(layer)
 
 
