@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -188,7 +188,8 @@ setup(
     python_requires=">=3.11",
     classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12",
                  "Programming Language :: C++", "Environment :: GPU :: NVIDIA CUDA"],
-    packages=["stochnorm_ext", "stochnorm_ext.bench", "stochnorm_ext.triton_kernels"],
+    # Every subpackage (nn, backend with its triton kernels, model_tools, bench).
+    packages=find_packages(include=["stochnorm_ext", "stochnorm_ext.*"]),
     install_requires=[TORCH_REQUIREMENT],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark"],
                     # python -m stochnorm_ext.bench (matplotlib only for --plot)
