@@ -100,7 +100,7 @@ class _NormBase(nn.Module):
                 raise RuntimeError(f"{name}: the input is on {x.device} but the layer's parameters "
                                    f"and buffers are on {t.device}")
         if self.sync and self.training:
-            from .distributed import check_ready
+            from ..distributed import check_ready
             check_ready(self.process_group, name)
 
     def _momentum_factor(self, counted: bool) -> float:
