@@ -107,24 +107,26 @@ class CBNWindow(NamedTuple):
         )
 
 
-def _dots(jac: Tensor, w64: Tensor) -> Tensor:
-    """``<jac[k, g], w64[g, r]>`` for every slot k, group g and row r, as ``(K, G * R)`` in
-    float64; ``jac`` is ``(K, G, I)``, ``w64`` ``(G, R, I)`` float64. The products of
-    float32 numbers are exact in float64 and the sums run in float64: the stored
-    ``<., W(tau)>`` are subtracted from these, so the difference keeps its digits. One
-    batched matmul over the slots' strides (no float64 product tensor)."""
-    K = jac.shape[0]
-    G, R, _ = w64.shape
-    return torch.bmm(w64, jac.to(torch.float64).permute(1, 2, 0)).reshape(G * R, K).t()
+def _window_dots(dmu: Tensor, dvar: Tensor, conv_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """``<dmu_k, W_c>`` and ``<dvar_k, W_c>`` as ``(K, C)`` views, in the Jacobians' dtype, for
+    Jacobians ``dmu (K, Gc, I)`` and ``dvar (K, C, I)``; ``dmu_k`` of group g pairs with the
+    channels of group g.
 
-
-def _dots_with_weight(dmu: Tensor, dvar: Tensor, conv_weight: Tensor) -> Tuple[Tensor, Tensor]:
-    """<dmu_k, W_c> and <dvar_k, W_c> (float64, ``(K, C)``) for Jacobians ``dmu (K, Gc, I)``
-    and ``dvar (K, C, I)``; ``dmu_k`` of group g pairs with the channels of group g."""
-    G = dmu.shape[1]
-    C = conv_weight.shape[0]
-    w = conv_weight.detach().to(torch.float64).reshape(C, -1)
-    return _dots(dmu, w.view(G, C // G, -1)), _dots(dvar, w.view(C, 1, -1))
+    Two batched matrix products that read the weight and the stored slots where they lie
+    (the slots' stride is a matrix stride: no copy, no float64 conversion of weight-sized
+    tensors). The products accumulate in the Jacobians' dtype; the result is subtracted
+    from the stored ``<., W(tau)>`` (float64), which this same routine computed, so a weight
+    that did not move gives the same dot product (docs/DESIGN.md, "CBN's step cost", has the
+    float32 error figures). A weight of another dtype than the window (a model converted in
+    parts) is cast first."""
+    K, G, I = dmu.shape
+    C = dvar.shape[1]
+    w = conv_weight.detach()
+    if w.dtype != dvar.dtype:
+        w = w.to(dvar.dtype)
+    mu_dots = torch.bmm(w.reshape(G, C // G, I), dmu.permute(1, 2, 0))     # (G, C/G, K)
+    var_dots = torch.bmm(w.reshape(C, 1, I), dvar.permute(1, 2, 0))        # (C, 1, K)
+    return mu_dots.view(C, K).t(), var_dots.view(C, K).t()
 
 
 def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin: int
@@ -138,16 +140,19 @@ def compensated_past(window: CBNWindow, conv_weight: Tensor, rho: float, burnin:
 
     (the published ``nu' - mu'^2`` rearranged so float32 does not cancel). An entry is
     kept for channel c if its slot is filled, ``var' >= 0`` (the published rule) and the
-    burn-in is over. Returns ``(past_mean, past_var, keep)``, each (K, C), detached.
+    burn-in is over. Returns ``(past_mean, past_var, keep)``, each (K, C), detached; the
+    statistics in float64 (the backends cast them to their accumulation dtype).
     """
     with torch.no_grad():
-        dmu_dot, dvar_dot = _dots_with_weight(window.dmu, window.dvar, conv_weight)
-        delta = rho * (dmu_dot - window.dmu_w)
-        past_mean = window.mean.to(torch.float64) + delta
-        past_var = window.var.to(torch.float64) + rho * (dvar_dot - window.dvar_w) - delta * delta
-        keep = window.valid.unsqueeze(1) & (past_var >= 0) & (window.step >= burnin)
-        dtype = window.mean.dtype
-        return past_mean.to(dtype), past_var.to(dtype), keep
+        mu_dots, var_dots = _window_dots(window.dmu, window.dvar, conv_weight)
+        moved = torch.sub(mu_dots, window.dmu_w)  # <dmu_tau, W(t) - W(tau)>, float64
+        past_mean = torch.add(window.mean, moved, alpha=rho)
+        past_var = torch.add(window.var, torch.sub(var_dots, window.dvar_w), alpha=rho)
+        past_var.addcmul_(moved, moved, value=-rho * rho)  # - delta^2
+        keep = (past_var >= 0) & window.valid.unsqueeze(1)
+        if burnin > 0:  # with burnin 0 the step is always past it (no op spent on it)
+            keep &= window.step >= burnin
+        return past_mean, past_var, keep
 
 
 def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Tensor,
@@ -193,8 +198,9 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
             summed = inp.sum(0, keepdim=True)
         dmu = weight_grad(summed.new_full((1, G, Ho, Wo), 1.0 / M), summed, weight[:G])
         centred = x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)
-        dvar = weight_grad(centred, inp, weight).mul_(2.0 / M)
-        return dmu, dvar
+        if centred.numel() < weight.numel():  # scale whichever of the two is smaller
+            return dmu, weight_grad(centred.mul_(2.0 / M), inp, weight)
+        return dmu, weight_grad(centred, inp, weight).mul_(2.0 / M)
 
 
 def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Optional[Tensor], mu_t: Tensor,
@@ -236,17 +242,28 @@ def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Optional[Te
 def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar: Tensor,
                conv_weight: Tensor, burnin: int) -> None:
     """Store the current step in the ring buffer once the burn-in is over, then count the
-    step. Tensor-only (no host sync): during burn-in the slot is rewritten with itself."""
+    step. Tensor-only (no host sync). With ``burnin == 0`` every step stores (one
+    ``index_copy_`` per field); otherwise, during the burn-in, the slot is rewritten with
+    itself."""
     with torch.no_grad():
-        store = window.step >= burnin
         slot = window.head.view(1)
         G, C = dmu.shape[0], dvar.shape[0]
         dmu, dvar = dmu.reshape(1, G, -1), dvar.reshape(1, C, -1)
-        dmu_w, dvar_w = _dots_with_weight(dmu, dvar, conv_weight)
-        for buf, new in ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu),
-                         (window.dvar, dvar), (window.dmu_w, dmu_w), (window.dvar_w, dvar_w),
-                         (window.valid, torch.ones((), dtype=torch.bool, device=store.device))):
-            old = buf.index_select(0, slot)
-            buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).view_as(old), old))
-        window.head.copy_(torch.where(store, (window.head + 1) % window.slots, window.head))
+        if dvar.dtype != window.dvar.dtype:
+            dmu, dvar = dmu.to(window.dvar.dtype), dvar.to(window.dvar.dtype)
+        dmu_w, dvar_w = _window_dots(dmu, dvar, conv_weight)  # the routine compensated_past uses
+        fields = ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu), (window.dvar, dvar),
+                  (window.dmu_w, dmu_w), (window.dvar_w, dvar_w))
+        if burnin == 0:
+            for buf, new in fields:
+                buf.index_copy_(0, slot, new.to(buf.dtype).view(1, *buf.shape[1:]))
+            window.valid.index_fill_(0, slot, True)
+            window.head.add_(1).remainder_(window.slots)
+        else:
+            store = window.step >= burnin
+            fields += ((window.valid, torch.ones((), dtype=torch.bool, device=store.device)),)
+            for buf, new in fields:
+                old = buf.index_select(0, slot)
+                buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).view_as(old), old))
+            window.head.copy_(torch.where(store, (window.head + 1) % window.slots, window.head))
         window.step.add_(1)
