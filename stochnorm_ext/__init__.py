@@ -9,7 +9,12 @@ the pure-PyTorch definitions every backend is tested against; ``backends()`` say
 backends (``reference``, ``cpu``, ``triton``, ``cuda``) are available here.
 """
 from . import functional, reference
-from ._backend import BACKEND_NAMES, available_backends, backends
+# The kernel providers' package is imported before the name ``backends`` is bound to the
+# function below: importing a submodule sets the package attribute only on its first import,
+# so ``stochnorm_ext.backends()`` stays the function (reach the package with
+# ``from stochnorm_ext.backends import ...``).
+from . import backends as _providers  # noqa: F401,E402
+from ._backend import BACKEND_NAMES, available_backends, backends  # noqa: E402
 from .cbn_window import CBNWindow
 from .convert import convert_model, find_conv_bn_pairs
 from .distributed import convert_sync

@@ -11,6 +11,7 @@ The reference runs in float64 on the same inputs; float32 is compared tightly, f
 bfloat16 against a budget set by PyTorch's own low-precision BatchNorm error.
 """
 import contextlib
+import importlib
 import math
 import os
 import subprocess
@@ -45,15 +46,15 @@ device_param = pytest.mark.parametrize("device", _device_params())
 
 @pytest.fixture
 def T():
-    from stochnorm_ext import _backend_triton
-    return _backend_triton
+    from stochnorm_ext.backends import triton
+    return triton
 
 
 @contextlib.contextmanager
 def small_tiles(**overrides):
     """Tiny tiles and many programs: several channel blocks, several tiles per program,
     ragged last tiles and split reductions on small shapes."""
-    from stochnorm_ext import _backend_triton as T
+    from stochnorm_ext.backends import triton as T
     saved = dict(T.TUNING)
     T.TUNING.update({"tile": 32, "max_block_c": 4, "programs": 6, **overrides})
     try:
@@ -114,8 +115,7 @@ class Case:
         weight, bias = prm(self.weight, param_dtype), prm(self.bias, param_dtype)
         rm = self.running_mean.to(dev, torch.float32 if param_dtype != torch.float64 else torch.float64, copy=True)
         rv = self.running_var.to(dev, rm.dtype, copy=True)
-        impl = reference if backend == "reference" else __import__(
-            "stochnorm_ext._backend_triton", fromlist=["x"])
+        impl = reference if backend == "reference" else importlib.import_module("stochnorm_ext.backends.triton")
         extra = ()
         if self.layer == "stoch":
             y = impl.stoch_norm(x, weight, bias, rm, rv, self.mask.to(dev), training, 0.1, 1e-5, update_stats)
