@@ -188,7 +188,7 @@ setup(
     python_requires=">=3.11",
     classifiers=["Programming Language :: Python :: 3.11", "Programming Language :: Python :: 3.12",
                  "Programming Language :: C++", "Environment :: GPU :: NVIDIA CUDA"],
-    packages=["stochnorm_ext", "stochnorm_ext.bench", "stochnorm_ext.triton_kernels"],
+    packages=["stochnorm_ext", "stochnorm_ext.bench", "stochnorm_ext.backends", "stochnorm_ext.backends.triton"],
     install_requires=[TORCH_REQUIREMENT],
     extras_require={"test": ["pytest", "pytest-timeout", "hypothesis", "pytest-benchmark"],
                     # python -m stochnorm_ext.bench (matplotlib only for --plot)

@@ -1,14 +1,17 @@
-"""Triton kernels shared by StochNorm, Batch Group Norm and Cross-Iteration BN.
+"""Triton kernels shared by StochNorm, Batch Group Norm and Cross-Iteration BN (forward; the
+helpers they share are in tiling.py).
 
 All three layers are batch normalisation with different statistics (docs/DESIGN.md), so the
 big, memory-bound passes are written once::
 
     forward   segment_stats_kernel     x          -> partial (count, mean, M2) per segment and split
               *_finalize_kernel        partials   -> per-statistic centre, variance, reduction
-                                                     weight (+ running-statistics update); the
-                                                     only per-layer code, a few lines each
+                                                     weight (+ running-statistics update, the
+                                                     factor momentum or 1/num_batches_tracked);
+                                                     the only per-layer code, a few lines each
               norm_apply_kernel        x          -> y = (x - centre) * gamma * invstd + beta
-    backward  grad_reduce_kernel       dy, x      -> partial sum(dy), sum(dy * (x - centre))
+    backward  (grad_kernels.py)
+              grad_reduce_kernel       dy, x      -> partial sum(dy), sum(dy * (x - centre))
               grad_finalize_kernel     partials   -> per-statistic k_x, k_0; d gamma, d beta
               grad_apply_kernel        dy, x      -> dx = gamma*invstd*dy + k_x*(x - centre) + k_0
 
