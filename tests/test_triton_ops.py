@@ -272,3 +272,29 @@ def test_torch_compile_fullgraph_cumulative_momentum(device):
     assert int(results[0][-1]) == 6
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@device_param
+def test_ops_refuse_what_would_crash_a_kernel(device):
+    """Shapes and devices a kernel would read out of bounds with: a clear RuntimeError
+    naming the op and the argument, raised before any state changes."""
+    d = _inputs(device)
+    x, rm, rv = d["x"], d["rm"], d["rv"]
+    before = rm.clone(), rv.clone(), d["steps"].clone()
+    cases = [
+        (lambda: ops.triton_norm_apply(x, d["w"][:5], None, rm, rv, None, 6, 1e-5), "triton_norm_apply: weight"),
+        (lambda: ops.triton_norm_apply(x, None, None, rm[:3], rv, None, 6, 1e-5), "triton_norm_apply: center"),
+        (lambda: ops.triton_norm_backward(x, x, None, rm, rv[:2], None, 6, 1e-5, [True, True, True]),
+         "triton_norm_backward: var"),
+        (lambda: ops.triton_stoch_norm_stats(x, rm, rv, d["mask"][:5], 0.1, d["steps"], True), "mask"),
+        (lambda: ops.triton_stoch_norm_stats(x, rm, rv, d["mask"].float(), 0.1, d["steps"], True), "bool"),
+        (lambda: ops.triton_batch_group_norm_stats(x, 4, None, None, 0.1, None, False), "4 groups"),
+        (lambda: ops.triton_cross_iteration_norm_stats(x, rm, rv, d["past"][0][:, :5], *d["past"][1:], 0.1,
+                                                       d["steps"], True), "past_mean"),
+        (lambda: ops.triton_batch_group_norm_stats(x[:1, :, :1, :1], 6, rm, rv, 0.1, d["steps"], True),
+         "at least 2 values"),
+    ]
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip((rm, rv, d["steps"]), before)), match

@@ -100,6 +100,18 @@ def _check_stats_call(op: str, x: Tensor, num_stats: int, running_mean, running_
                  "momentum=None (cumulative average) needs num_batches_tracked")
 
 
+def _check_apply_call(op: str, x: Tensor, weight, center, var, red, num_groups: int, bias=None) -> None:
+    """What would make the apply or backward kernels read out of bounds. Every statistics op
+    returns tables that pass, so for validated input nothing here can fail after the
+    running statistics were updated."""
+    C = x.shape[1] if x.dim() >= 2 else -1
+    _require(C > 0 and num_groups >= 1 and (C % num_groups == 0 or num_groups % C == 0), op,
+             f"{num_groups} statistics do not fit an input of shape {tuple(x.shape)}")
+    for name, t, n in (("weight", weight, C), ("bias", bias, C), ("center", center, num_groups),
+                       ("var", var, num_groups), ("red", red, num_groups)):
+        _check_table(t, name, (n,), x, op)
+
+
 # ---------------------------------------------------------------------------------------
 # Launch helpers (each returns fresh buffers; the first mutation of an op is its last step)
 # ---------------------------------------------------------------------------------------
@@ -244,6 +256,7 @@ def norm_apply(
     format. ``red`` (per statistic; None: constant statistics, as in eval) only matters to
     the backward. Nothing here can fail for what a statistics op returned on validated
     input: the running-statistics update before it is never left half done."""
+    _check_apply_call("triton_norm_apply", input, weight, center, var, red, num_groups, bias)
     pieces, channels_per_group = grouping(input.shape[1], num_groups)
     p = plan(input, pieces)
     y = poison(torch.empty_like(p.x))
@@ -264,6 +277,10 @@ def norm_backward(
     zero-size; parameter gradients in the weight's dtype (the statistics' without weight).
     Launches: reduce + finalize when a reduction is needed (parameter gradients, or
     grad_input with ``red``), then apply when grad_input is asked for."""
+    _check_apply_call("triton_norm_backward", input, weight, center, var, red, num_groups)
+    _require(grad_output.shape == input.shape and len(output_mask) == 3, "triton_norm_backward",
+             f"grad_output of shape {tuple(grad_output.shape)} for an input of shape {tuple(input.shape)}, "
+             f"output_mask of {len(output_mask)} values (3 expected)")
     x, C = input, input.shape[1]
     need_x, need_w, need_b = (bool(v) for v in output_mask)
     pieces, channels_per_group = grouping(C, num_groups)
