@@ -365,3 +365,26 @@ def test_cumulative_momentum_needs_the_step_count(device):
         torch.ops.stochnorm_ext.triton_batch_group_norm_stats(
             torch.randn(3, 4, 5, device=device), 4, rm, rv, None, None, True)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@device_param
+@pytest.mark.parametrize("layer", ["stoch", "cbn"])
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                 (torch.bfloat16, torch.float32)], ids=["f64-f32", "f32-f64", "bf16-f32"])
+def test_eval_with_mixed_dtypes(device, layer, x_dtype, param_dtype, T):
+    """Eval StochNorm / CBN is F.batch_norm, which refuses some mixes of input and parameter
+    dtypes that the layers accept: those run in the accumulation dtype, like the reference."""
+    case = Case(layer, (3, 6, 2, 3), device)
+    x = case.x.to(device, x_dtype)
+    prm = [t.to(device, param_dtype) for t in (case.weight, case.bias, case.running_mean, case.running_var)]
+    if layer == "stoch":
+        y = T.stoch_norm(x, *prm, case.mask.to(device), False, 0.1, 1e-5)
+        want = reference.stoch_norm(x.cpu(), *[t.cpu() for t in prm], case.mask, False, 0.1, 1e-5)
+    else:
+        empty = torch.zeros(0, 6, device=device)
+        y = T.cross_iteration_norm(x, *prm, empty, empty, empty.bool(), False, 0.1, 1e-5)[0]
+        want = reference.cross_iteration_norm(x.cpu(), *[t.cpu() for t in prm], empty.cpu(), empty.cpu(),
+                                              empty.cpu().bool(), False, 0.1, 1e-5)[0]
+    assert y.dtype == x_dtype
+    tol = FP32_TOL if x_dtype != torch.bfloat16 else torch.finfo(torch.bfloat16).eps
+    _check({"y": y.detach().cpu().double()}, {"y": want.double()}, tol)

@@ -59,6 +59,18 @@ def _momentum(momentum) -> Optional[float]:
     return None if momentum is None else float(momentum)
 
 
+def _batch_norm_eval(x, weight, bias, running_mean, running_var, eps):
+    """Eval StochNorm / CBN: F.batch_norm with the running statistics. F.batch_norm takes
+    parameters of x's dtype, or float32 ones with a half/bfloat16 x; other mixes (float32
+    buffers with a float64 x, a half weight with float32 buffers) go in the accumulation dtype,
+    as the reference computes them (exact for a float64 x)."""
+    params = (running_mean, running_var, weight, bias)
+    if any(t is not None and t.dtype != x.dtype for t in params):
+        acc = accumulate_dtype(x)
+        params = tuple(None if t is None else t.to(acc) for t in params)
+    return F.batch_norm(x, params[0], params[1], params[2], params[3], False, 0.0, eps)
+
+
 def _running_as_stats(running_mean, running_var, x):
     """Eval BGN: the running statistics are the (constant) statistics, in the accumulation
     dtype the kernels read (no copy when they already are)."""
@@ -70,7 +82,7 @@ def stoch_norm(x, weight, bias, running_mean, running_var, mask, training, momen
                update_stats=True, num_batches_tracked=None):
     x = dense_layout(x)[0]  # once here, not in every op (differentiable copy if strided)
     if not training:
-        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        return _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
     stats = torch.ops.stochnorm_ext.triton_stoch_norm_stats(
         x.detach(), running_mean, running_var, mask, _momentum(momentum), num_batches_tracked,
         bool(update_stats))
@@ -93,7 +105,7 @@ def cross_iteration_norm(x, weight, bias, running_mean, running_var, past_mean, 
                          past_keep, training, momentum, eps, update_stats=True, num_batches_tracked=None):
     x = dense_layout(x)[0]
     if not training and running_mean is not None:
-        y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+        y = _batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
         return y, running_mean.detach(), running_var.detach()
     mu_t, var_t, center, var, red = torch.ops.stochnorm_ext.triton_cross_iteration_norm_stats(
         x.detach(), running_mean, running_var, past_mean, past_var, past_keep, _momentum(momentum),
