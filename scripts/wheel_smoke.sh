@@ -15,7 +15,7 @@ echo "built $(basename "$sdist") and, from it, $(basename "$wheel")"
 # The sdist carries the headers, CUDA sources and tests (MANIFEST.in).
 listing=$(tar -tzf "$sdist")
 for f in csrc/common.h csrc/coefficients.h csrc/cuda/segment_walk.h csrc/cuda/layers_cuda.cu \
-         stochnorm_ext/triton_kernels/norm_kernels.py tests/conftest.py; do
+         stochnorm_ext/backend/triton/kernels.py tests/conftest.py; do
   grep -q "/$f\$" <<<"$listing" || { echo "sdist lacks $f"; exit 1; }
 done
 python3 -m venv "$work/venv"
@@ -50,7 +50,7 @@ for make in (lambda b: sx.StochNorm2d(8, backend=b), lambda b: sx.BatchGroupNorm
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 import importlib.util
-assert importlib.util.find_spec("stochnorm_ext.triton_kernels") is not None
+assert importlib.util.find_spec("stochnorm_ext.backend.triton.kernels") is not None
 # The main job ships in the wheel: python -m stochnorm_ext.bench. This venv has no numpy (an
 # extra, "bench"), so it must stop with an error that says how to install it.
 import importlib.resources, subprocess, sys

@@ -68,6 +68,12 @@ def update_running_stats(
     running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
 
 
+@torch.no_grad()
+def _count_step(num_batches_tracked: Tensor) -> None:
+    """A training step without running statistics still counts (the backends' contract)."""
+    num_batches_tracked.add_(1)
+
+
 def _eval_batch_norm(x, weight, bias, running_mean, running_var, eps) -> Tensor:
     acc = accumulate_dtype(x)
     mean = _per_channel(running_mean.to(acc), x)
@@ -129,6 +135,8 @@ def batch_group_norm(
         if training and update_stats and running_mean is not None:
             count = N * grouped.shape[2]
             update_running_stats(running_mean, running_var, mean, var, count, momentum, num_batches_tracked)
+        elif training and update_stats and num_batches_tracked is not None:
+            _count_step(num_batches_tracked)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     z = (grouped - mean.view(1, -1, 1)) * torch.rsqrt(var + eps).view(1, -1, 1)
@@ -184,6 +192,8 @@ def cross_iteration_norm(
     if training and update_stats and running_mean is not None:
         n = xf.numel() // xf.shape[1]
         update_running_stats(running_mean, running_var, mu_t, var_t, n, momentum, num_batches_tracked)
+    elif training and update_stats and num_batches_tracked is not None:
+        _count_step(num_batches_tracked)
     return y, mu_t.detach(), var_t.detach()
 
 

@@ -7,7 +7,7 @@ with a stand-in driver whose launches only compile (through ptxas to a cubin) fo
 target architecture, so every (dtype, layout, grouping, flag) specialisation the backend
 produces is compiled exactly as on a GPU. Nothing runs and the outputs are meaningless.
 
-    python -m stochnorm_ext.triton_kernels.compile_check [--arch 90]
+    python -m stochnorm_ext.backend.triton.compile_check [--arch 90]
 
 Run it without TRITON_INTERPRET. Exits non-zero on the first compile error. From a source
 checkout, run it from the repository root.
@@ -15,7 +15,6 @@ checkout, run it from the repository root.
 import argparse
 import os
 import sys
-
 
 
 def _install_compile_only_driver(arch: int) -> None:
@@ -85,6 +84,15 @@ def run_case(T, layer, dtype, fmt, shape, extra) -> None:
                 past = torch.zeros(2, C, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
                 y = T.cross_iteration_norm(x, w, b, rm, rv, past, past, past > 0, training, 0.1, 1e-5)[0]
             y.backward(torch.ones_like(y))
+    # momentum=None: the finalize kernels read the cumulative factor from the step count
+    steps = torch.zeros((), dtype=torch.long)
+    if layer == "stoch":
+        T.stoch_norm(x, None, None, rm, rv, torch.ones(C, dtype=torch.bool), True, None, 1e-5, True, steps)
+    elif layer == "bgn":
+        T.batch_group_norm(x, G, None, None, rm, rv, True, None, 1e-5, True, steps)
+    else:
+        past = torch.zeros(0, C, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        T.cross_iteration_norm(x, None, None, rm, rv, past, past, past > 0, True, None, 1e-5, True, steps)
 
 
 def main(argv=None) -> int:
@@ -96,12 +104,12 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
     _install_compile_only_driver(args.arch)
-    from stochnorm_ext import _backend_triton as T
+    from stochnorm_ext.backend import triton as T
     if T.UNAVAILABLE:
         print(f"compile_check: triton backend unavailable: {T.UNAVAILABLE}", file=sys.stderr)
         return 2
     # GPU launch heuristics (the CPU defaults are the interpreter's).
-    T.TUNING.update(tile=1024, max_block_c=128, programs=8 * 132)
+    T.TUNING.update(tile=1024, max_block_c=128, programs=8 * 132, gpu_blocks=True)
     count = 0
     for case in cases(args.quick):
         run_case(T, *case)
