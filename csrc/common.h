@@ -51,7 +51,9 @@ inline at::Tensor dense_as(const at::Tensor& t, at::ScalarType dtype,
                           at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   if (t.scalar_type() == dtype && t.is_contiguous(format)) return t;
   count_launch();
-  return t.to(dtype, /*non_blocking=*/false, /*copy=*/false, format);
+  // (to() without copy=true would alias a permuted tensor whose suggested format matches.)
+  if (t.scalar_type() == dtype) return t.contiguous(format);
+  return t.to(dtype, /*non_blocking=*/false, /*copy=*/true, format);
 }
 
 // The memory format an output keeps: channels_last(_3d) for such inputs, contiguous otherwise

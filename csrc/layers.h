@@ -257,6 +257,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad_output, cons
   const Tensor v = common::required_acc_vector(var, g.G, input, op, "var");
   const Tensor r = acc_vector(red, g.G, input, op, "red");
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
+  // dy dense in x's layout once (e.g. the expanded gradient of y.sum()), not once per pass.
+  const Tensor dy = common::same_layout(grad_output, in);
   // The apply passes read per-segment centres: the statistic tables themselves when each
   // statistic is one segment (G = C * P), else one step spreading them over the segments.
   Tensor seg_center = g.spg == 1 ? ctr.view({g.C, g.P}) : Tensor();
@@ -270,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad_output, cons
   // The sums are needed by the parameter gradients and by the reduction terms (red given).
   Tensor sum_dy, sum_dy_xc;
   if (need_w || need_b || (need_x && r.defined())) {
-    std::tie(sum_dy, sum_dy_xc) = Launch<Device>::grad_sums(grad_output, in, seg_center);
+    std::tie(sum_dy, sum_dy_xc) = Launch<Device>::grad_sums(dy, in, seg_center);
   }
   Tensor k_dy, k_x, k_0;
   if (need_x) k_dy = at::empty({g.C, g.P}, acc), k_x = at::empty({g.C, g.P}, acc), k_0 = at::empty({g.C, g.P}, acc);
@@ -298,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad_output, cons
       }
     });
   }
-  Tensor grad_input = need_x ? Launch<Device>::grad_apply(grad_output, in, seg_center, k_dy, k_x, k_0)
+  Tensor grad_input = need_x ? Launch<Device>::grad_apply(dy, in, seg_center, k_dy, k_x, k_0)
                              : at::empty({0}, input.options());
   return {grad_input, common::in_weight_dtype(grad_weight, weight), common::in_weight_dtype(grad_bias, weight)};
 }

@@ -119,11 +119,13 @@ def test_tensors_on_other_devices_are_refused():
     with pytest.raises(RuntimeError, match="CUDA input"):
         ops.segment_apply(x.cpu(), table.cuda(), table.cuda(), table.cuda())
     with pytest.raises(RuntimeError, match="on cpu"):
-        ops.cross_iteration_norm_forward(x, None, None, None, None, torch.zeros(1, 3), torch.ones(1, 3),
-                                         torch.ones(1, 3, dtype=torch.bool, device="cuda"), True, 1e-5)
+        ops.cross_iteration_norm_stats(x, None, None, torch.zeros(1, 3), torch.ones(1, 3),
+                                       torch.ones(1, 3, dtype=torch.bool, device="cuda"), 0.1, None, False)
     with pytest.raises(RuntimeError, match="is on cpu"):
-        ops.stoch_norm_forward(x, None, None, torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
-                               torch.ones(3, dtype=torch.bool), 1e-5)
+        ops.stoch_norm_stats(x, torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
+                             torch.ones(3, dtype=torch.bool), 0.1, None, True)
+    with pytest.raises(RuntimeError, match="is on cpu"):
+        ops.norm_apply(x, None, None, table, table.cuda(), None, 3, 1e-5)
 
 
 @gpu
