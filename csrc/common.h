@@ -1,13 +1,13 @@
-// Device-agnostic helpers shared by the backends of stochnorm_ext (today the CUDA one; the CPU
-// backend has its own copies in csrc/cpu/segment_core.cpp and csrc/cpu/layers_cpu.cpp, which
-// could move here): output allocation with the poison fill, the memory format an output
-// keeps, the accumulation type, how an (N, C, *S) input is walked as per-segment rows, and the
-// argument checks of the layer ops. Everything is inline and uses only ATen tensor ops, so it
-// works for tensors on any device. The error messages match the CPU backend's word for word.
+// Device-agnostic helpers shared by the CPU and CUDA backends of stochnorm_ext (csrc/layers.h,
+// csrc/cpu/, csrc/cuda/): output allocation with the poison fill, the memory format an output
+// keeps, the accumulation type, how an (N, C, *S) input is walked as per-segment rows, the
+// argument checks of the ops, the BGN grouping rule and the device launch counter. Everything
+// is inline and uses only ATen tensor ops, so it works for tensors on any device.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -15,6 +15,17 @@
 #include <string>
 
 namespace stochnorm_ext::common {
+
+// Device passes the ops have launched since the library was loaded (kernels on CUDA, passes
+// and steps on the CPU; the poison fill of tests is not counted): csrc/layers.h counts every
+// pass, coefficient step and ATen launch it makes, the CUDA core its split merges. Read by
+// the private op stochnorm_ext::_device_launches, so that tests assert launches per op.
+inline std::atomic<int64_t>& launch_counter() {
+  static std::atomic<int64_t> launches{0};
+  return launches;
+}
+
+inline void count_launch(int64_t n = 1) { launch_counter().fetch_add(n, std::memory_order_relaxed); }
 
 // True when STOCHNORM_EXT_POISON_OUTPUTS=1 (read once): every output allocated by the ops is
 // filled with NaN first, so an element a kernel leaves unwritten fails the tests.
@@ -34,8 +45,20 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return t;
 }
 
+// t in `dtype`, dense in `format`: t itself when it already is, else one conversion kernel
+// (counted: a launch the op makes for this argument).
+inline at::Tensor dense_as(const at::Tensor& t, at::ScalarType dtype,
+                          at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  if (t.scalar_type() == dtype && t.is_contiguous(format)) return t;
+  count_launch();
+  // (to() without copy=true would alias a permuted tensor whose suggested format matches.)
+  if (t.scalar_type() == dtype) return t.contiguous(format);
+  return t.to(dtype, /*non_blocking=*/false, /*copy=*/true, format);
+}
+
 // The memory format an output keeps: channels_last(_3d) for such inputs, contiguous otherwise
-// (inputs with other strides are made contiguous first). Mirrors _memory_format in _ops.py.
+// (inputs with other strides are made contiguous first). The same rule as
+// stochnorm_ext._checks.memory_format_of, which the fake implementations use.
 inline at::MemoryFormat output_format(const at::Tensor& x) {
   if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
@@ -92,7 +115,7 @@ inline SegmentInput segment_input(const at::Tensor& x, int64_t pieces) {
               " into ", pieces, " equal pieces");
   SegmentInput in;
   in.format = output_format(x);
-  in.x = x.contiguous(in.format);
+  in.x = dense_as(x, x.scalar_type(), in.format);
   in.channels = x.size(1);
   in.pieces = pieces;
   SegmentGeometry& g = in.geometry;
@@ -115,7 +138,7 @@ inline at::Tensor same_layout(const at::Tensor& other, const SegmentInput& like)
               ", got ", other.sizes());
   TORCH_CHECK(other.device() == like.x.device(), "stochnorm_ext: the gradient is on ", other.device(),
               " but the input is on ", like.x.device());
-  return other.to(like.x.scalar_type()).contiguous(like.format);
+  return dense_as(other, like.x.scalar_type(), like.format);
 }
 
 // A (C, P) (or (C,) when P == 1) table argument in the accumulation type, contiguous.
@@ -125,7 +148,7 @@ inline at::Tensor table_arg(const at::Tensor& t, const SegmentInput& in, const c
               t.sizes());
   TORCH_CHECK(t.device() == in.x.device(), "stochnorm_ext: ", name, " is on ", t.device(), " but the input is on ",
               in.x.device());
-  return t.to(accumulate_type(in.x.scalar_type())).contiguous();
+  return dense_as(t, accumulate_type(in.x.scalar_type()));
 }
 
 inline at::TensorOptions table_options(const SegmentInput& in) {
@@ -157,7 +180,7 @@ inline at::Tensor acc_vector(const std::optional<at::Tensor>& t, int64_t size, c
   if (!t.has_value() || !t->defined()) return at::Tensor();
   TORCH_CHECK(t->numel() == size && t->dim() == 1, op, ": ", name, " must have shape (", size, "), got ", t->sizes());
   TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but the input is on ", x.device());
-  return t->to(accumulate_type(x.scalar_type())).contiguous();
+  return dense_as(*t, accumulate_type(x.scalar_type()));
 }
 
 inline at::Tensor required_acc_vector(const std::optional<at::Tensor>& t, int64_t size, const at::Tensor& x,
@@ -172,7 +195,7 @@ inline at::Tensor bool_arg(const at::Tensor& t, at::IntArrayRef shape, const at:
   TORCH_CHECK(t.scalar_type() == at::kBool && t.sizes() == shape, op, ": ", name, " must be a bool tensor of shape ",
               shape, ", got ", t.scalar_type(), " of shape ", t.sizes());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but the input is on ", x.device());
-  return t.contiguous();
+  return dense_as(t, at::kBool);
 }
 
 template <typename T>
@@ -187,7 +210,7 @@ T* mutable_ptr_or_null(const at::Tensor& t) {
 
 // Parameter gradients come back in the weight's dtype (the accumulation type without weight).
 inline at::Tensor in_weight_dtype(const at::Tensor& grad, const std::optional<at::Tensor>& weight) {
-  return weight.has_value() && weight->defined() ? grad.to(weight->scalar_type()) : grad;
+  return weight.has_value() && weight->defined() ? dense_as(grad, weight->scalar_type()) : grad;
 }
 
 // BGN: G | C gives groups of C/G whole channels (P = 1); G = P * C cuts each channel into P

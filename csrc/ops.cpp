@@ -1,15 +1,17 @@
 // The stochnorm_ext operator library: op schemas live here (TORCH_LIBRARY), kernels register
-// per dispatch key from csrc/cpu/ (and csrc/cuda/) with TORCH_LIBRARY_IMPL. Fake (meta)
-// implementations and autograd formulas are registered from Python: stochnorm_ext/_ops.py.
+// per dispatch key from csrc/cpu/ (and csrc/cuda/) with TORCH_LIBRARY_IMPL, autograd from
+// csrc/autograd.cpp; fake (meta) implementations from Python: stochnorm_ext/_ops.py.
 //
 // Tables ("(C, P)") are in the accumulation type: float32, or float64 for float64 input.
 // A segment is the set of values one statistic covers inside one channel: the whole channel,
 // or for BGN with G = P * C one of the P pieces of its flattened positions (see
-// csrc/coefficients.h). The forward centred form is y = (x - center) * scale + shift, the
-// backward one dx = k_dy * dy + k_x * (x - center) + k_0.
+// csrc/coefficients.h). The passes' centred forms: y = (x - center) * scale + shift, and
+// dx = k_dy * dy + k_x * (x - center) + k_0.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 // Importing stochnorm_ext._C loads this shared library, which runs the registrations
 // below; no Python functions are exported, so no pybind11 is needed. PyMODINIT_FUNC makes
@@ -19,30 +21,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
-namespace stochnorm_ext {
-namespace {
-
-// BatchNorm's running-statistics update, the same for every layer and device (tiny (C,) or
-// (G,) tensors, ATen ops): the running variance takes the unbiased batch variance
-// var * count / (count - 1). `momentum` is the update factor itself.
-void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& batch_mean,
-                          const at::Tensor& batch_var, int64_t count, double momentum) {
-  TORCH_CHECK(count > 1, "update_running_stats: the unbiased variance needs more than 1 value per statistic, got ",
-              count);
-  TORCH_CHECK(running_mean.sizes() == batch_mean.sizes() && running_var.sizes() == batch_var.sizes() &&
-                  running_mean.sizes() == running_var.sizes(),
-              "update_running_stats: expected running and batch statistics of one shape, got ", running_mean.sizes(),
-              ", ", running_var.sizes(), ", ", batch_mean.sizes(), ", ", batch_var.sizes());
-  const at::Tensor unbiased_var = batch_var * (double(count) / double(count - 1));
-  running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.scalar_type()), momentum);
-  running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.scalar_type()), momentum);
-}
-
-}  // namespace
-}  // namespace stochnorm_ext
-
 TORCH_LIBRARY(stochnorm_ext, m) {
-  // ---- The shared core: statistics, apply, backward sums, backward apply (per segment).
+  // ---- The four passes (per segment), composed with collectives by the distributed sync path.
   // (C, P) mean and m2 (sum of squared deviations) of each segment; N * S / P values each.
   // float64 for every input dtype, so that segments can be merged at a large common offset.
   m.def("segment_stats(Tensor input, int pieces) -> (Tensor mean, Tensor m2)");
@@ -53,39 +33,34 @@ TORCH_LIBRARY(stochnorm_ext, m) {
   // dx = k_dy * dy + k_x * (x - center) + k_0.
   m.def("segment_grad_apply(Tensor grad_output, Tensor input, Tensor center, Tensor k_dy, Tensor k_x, "
         "Tensor k_0) -> Tensor");
-  // BatchNorm's EMA of the running statistics, in place.
-  m.def("update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch_mean, "
-        "Tensor batch_var, int count, float momentum) -> ()");
 
-  // ---- The layers. Forward ops are functional (the caller applies update_running_stats with
-  // the returned batch statistics), so that autograd can be registered on them; they return
-  // the output, the biased batch statistics (empty when none were computed) and the
-  // statistics each channel/group was normalised with (center, invstd), which backward takes.
-  // StochNorm: mask (C,) bool, True = batch statistics; no mask = eval (running statistics).
-  m.def("stoch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-        "Tensor running_var, Tensor? mask, float eps) "
-        "-> (Tensor output, Tensor batch_mean, Tensor batch_var, Tensor center, Tensor invstd)");
-  m.def("stoch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? mask, Tensor center, "
-        "Tensor invstd) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // BGN: statistics per group (G,), affine per channel; use_batch_stats=False normalises
-  // with the running statistics.
-  m.def("batch_group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, "
-        "Tensor? running_mean, Tensor? running_var, bool use_batch_stats, float eps) "
-        "-> (Tensor output, Tensor batch_mean, Tensor batch_var, Tensor center, Tensor invstd)");
-  m.def("batch_group_norm_backward(Tensor grad_output, Tensor input, int num_groups, Tensor? weight, "
-        "Tensor center, Tensor invstd, bool use_batch_stats) "
-        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // CBN: past_mean/past_var (K, C) compensated statistics of stored steps, past_keep (K, C)
-  // bool; batch_mean/batch_var are the current step's (what the window stores).
-  m.def("cross_iteration_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
-        "Tensor? running_var, Tensor past_mean, Tensor past_var, Tensor past_keep, bool use_batch_stats, "
-        "float eps) -> (Tensor output, Tensor batch_mean, Tensor batch_var, Tensor center, Tensor invstd)");
-  m.def("cross_iteration_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor center, "
-        "Tensor invstd, Tensor past_keep, bool use_batch_stats) "
-        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-}
+  // ---- The statistics ops (one per layer): batch statistics, ONE coefficient step per statistic
+  // that also updates the running statistics in place (EMA; momentum None: 1/num_batches_tracked
+  // after this call's increment) and the step count. Outputs per statistic: the centre and
+  // variance norm_apply normalises with and the reduction weight `red` its backward takes.
+  // Not differentiable (csrc/autograd.cpp runs them below autograd).
+  m.def("stoch_norm_stats(Tensor input, Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mask, "
+        "float? momentum, Tensor(c!)? num_batches_tracked, bool update_stats) "
+        "-> (Tensor center, Tensor var, Tensor red)");
+  m.def("batch_group_norm_stats(Tensor input, int num_groups, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, float? momentum, Tensor(c!)? num_batches_tracked, bool update_stats) "
+        "-> (Tensor center, Tensor var, Tensor red)");
+  // CBN: past_mean/past_var (K, C) compensated statistics of stored steps, past_keep (K, C) bool;
+  // mu_t/var_t are the current step's (what the window stores).
+  m.def("cross_iteration_norm_stats(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor past_mean, Tensor past_var, Tensor past_keep, float? momentum, "
+        "Tensor(c!)? num_batches_tracked, bool update_stats) "
+        "-> (Tensor mu_t, Tensor var_t, Tensor center, Tensor var, Tensor red)");
 
-// The running update is ATen ops on tiny tensors: one implementation for every device.
-TORCH_LIBRARY_IMPL(stochnorm_ext, CompositeExplicitAutograd, m) {
-  m.impl("update_running_stats", &stochnorm_ext::update_running_stats);
+  // ---- One apply and one layer-agnostic backward for the three layers (num_groups statistics:
+  // C for StochNorm and CBN). y = (x - center_s) * weight_c * rsqrt(var_s + eps) + bias_c; red
+  // (None: constant statistics) only matters to the backward. Autograd: csrc/autograd.cpp.
+  m.def("norm_apply(Tensor input, Tensor? weight, Tensor? bias, Tensor center, Tensor var, Tensor? red, "
+        "int num_groups, float eps) -> Tensor");
+  m.def("norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor center, Tensor var, "
+        "Tensor? red, int num_groups, float eps, bool[3] output_mask) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // ---- Private: device launches since the library was loaded (csrc/common.h), for the tests.
+  m.def("_device_launches() -> int", [] { return stochnorm_ext::common::launch_counter().load(); });
 }

@@ -2,10 +2,10 @@
 
 The CUDA kernels are registered under the CUDA dispatch key of the same custom ops as the
 CPU ones (``torch.ops.stochnorm_ext.*``, schemas in ``csrc/ops.cpp``), and the fake
-implementations and autograd formulas of ``_ops.py`` are shared by every device. So the
-three layer functions are the device-agnostic wrappers of ``_backend_cpu`` (same interface
-and semantics as ``reference.py``, see ``_backend.py``); this module re-exports them and
-says whether CUDA kernels were compiled into the extension.
+implementations of ``_ops.py`` and the C++ autograd (``csrc/autograd.cpp``) are shared by
+every device. So the three layer functions and ``PASSES`` are the device-agnostic ones of
+``_backend_cpu`` (same interface and semantics as ``reference.py``, see ``_backend.py``);
+this module re-exports them and says whether CUDA kernels were compiled into the extension.
 
 ``UNAVAILABLE`` is set when the extension is missing or was built without CUDA (no GPU
 visible at build time and no ``FORCE_CUDA=1``, nvcc or a CUDA build of torch absent, or
@@ -20,13 +20,11 @@ import torch
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "PASSES"]
 
-# Every op of csrc/ops.cpp that has a device kernel (update_running_stats is
-# CompositeExplicitAutograd and runs everywhere).
+# Every op of csrc/ops.cpp that has a device kernel (_device_launches is device-independent).
 CUDA_OPS = (
     "segment_stats", "segment_apply", "segment_grad_sums", "segment_grad_apply",
-    "stoch_norm_forward", "stoch_norm_backward",
-    "batch_group_norm_forward", "batch_group_norm_backward",
-    "cross_iteration_norm_forward", "cross_iteration_norm_backward",
+    "stoch_norm_stats", "batch_group_norm_stats", "cross_iteration_norm_stats",
+    "norm_apply", "norm_backward",
 )
 
 UNAVAILABLE: Optional[str] = None

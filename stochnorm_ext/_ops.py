@@ -2,20 +2,22 @@
 
 Importing this module loads ``stochnorm_ext._C`` (raises ImportError, saying what is missing and
 how to fix it, when it is not built or does not load: ``_extension.load``) and
-registers, for every op, a fake (meta) implementation for torch.compile / FakeTensor, and for
-the differentiable ones an autograd formula. These registrations are device-independent: a
-CUDA build registers its kernels under the CUDA key of the same schemas and reuses them.
+registers, for every op, a fake (meta) implementation for torch.compile / FakeTensor, and the
+autograd formulas of the segment passes. These registrations are device-independent: a CUDA
+build registers its kernels under the CUDA key of the same schemas and reuses them.
 
-Ops (tables are ``(C, P)`` or ``(C,)`` in the accumulation dtype: float32, float64 for float64
-input; ``segment_stats`` returns float64 tables for every input, so that segments and ranks
-merge at a large common offset):
+Ops (schemas and their contract: ``csrc/ops.cpp``; tables are per statistic in the
+accumulation dtype: float32, float64 for float64 input; ``segment_stats`` returns float64
+tables for every input, so that segments and ranks merge at a large common offset):
 
-- shared core: ``segment_stats``, ``segment_apply``, ``segment_grad_sums``,
-  ``segment_grad_apply``, ``update_running_stats`` (in place);
-- layers: ``stoch_norm_forward/backward``, ``batch_group_norm_forward/backward``,
-  ``cross_iteration_norm_forward/backward``. The forward ops are functional and return
-  ``(output, batch_mean, batch_var, center, invstd)``; the caller updates the running
-  statistics with ``update_running_stats`` (register_autograd needs functional ops).
+- statistics ops, one per layer: ``stoch_norm_stats``, ``batch_group_norm_stats``,
+  ``cross_iteration_norm_stats`` (update the running statistics and the step count in place;
+  not differentiable);
+- ``norm_apply`` and the one layer-agnostic ``norm_backward`` (autograd in C++:
+  ``csrc/autograd.cpp``);
+- the four passes for distributed sync: ``segment_stats``, ``segment_apply``,
+  ``segment_grad_sums``, ``segment_grad_apply``;
+- private: ``_device_launches()`` (device launches since load, for the tests).
 
 Double backward is not supported: differentiating a backward op raises a RuntimeError.
 """
@@ -62,12 +64,6 @@ def _table(x: Tensor, *shape) -> Tensor:
     return x.new_empty(shape, dtype=_acc_dtype(x))
 
 
-def _param_grads(x: Tensor, weight):
-    C = x.shape[1]
-    dtype = weight.dtype if weight is not None else _acc_dtype(x)
-    return x.new_empty(C, dtype=dtype), x.new_empty(C, dtype=dtype)
-
-
 # ------------------------------------------------------------------------------- fake impls
 @torch.library.register_fake("stochnorm_ext::segment_stats")
 def _(input, pieces):  # float64 tables for every input dtype (csrc/ops.cpp)
@@ -91,130 +87,47 @@ def _(grad_output, input, center, k_dy, k_x, k_0):
     return _like_input(input)
 
 
-@torch.library.register_fake("stochnorm_ext::update_running_stats")
-def _(running_mean, running_var, batch_mean, batch_var, count, momentum):
-    return None
+def _stats_tables(x: Tensor, num_stats: int, count: int):
+    return tuple(_table(x, num_stats) for _ in range(count))
 
 
-def _forward_fake(x: Tensor, stats: int, batch_stats: bool):
-    """output, batch_mean, batch_var (empty without batch statistics), center, invstd."""
-    n = stats if batch_stats else 0
-    return _like_input(x), _table(x, n), _table(x, n), _table(x, stats), _table(x, stats)
+@torch.library.register_fake("stochnorm_ext::stoch_norm_stats")
+def _(input, running_mean, running_var, mask, momentum, num_batches_tracked, update_stats):
+    return _stats_tables(input, input.shape[1], 3)  # center, var, red
 
 
-@torch.library.register_fake("stochnorm_ext::stoch_norm_forward")
-def _(input, weight, bias, running_mean, running_var, mask, eps):
-    return _forward_fake(input, input.shape[1], mask is not None)
+@torch.library.register_fake("stochnorm_ext::batch_group_norm_stats")
+def _(input, num_groups, running_mean, running_var, momentum, num_batches_tracked, update_stats):
+    return _stats_tables(input, num_groups, 3)
 
 
-@torch.library.register_fake("stochnorm_ext::batch_group_norm_forward")
-def _(input, num_groups, weight, bias, running_mean, running_var, use_batch_stats, eps):
-    return _forward_fake(input, num_groups, use_batch_stats)
+@torch.library.register_fake("stochnorm_ext::cross_iteration_norm_stats")
+def _(input, running_mean, running_var, past_mean, past_var, past_keep, momentum, num_batches_tracked,
+      update_stats):
+    return _stats_tables(input, input.shape[1], 5)  # mu_t, var_t, center, var, red
 
 
-@torch.library.register_fake("stochnorm_ext::cross_iteration_norm_forward")
-def _(input, weight, bias, running_mean, running_var, past_mean, past_var, past_keep, use_batch_stats, eps):
-    return _forward_fake(input, input.shape[1], use_batch_stats)
+@torch.library.register_fake("stochnorm_ext::norm_apply")
+def _(input, weight, bias, center, var, red, num_groups, eps):
+    return _like_input(input)
 
 
-@torch.library.register_fake("stochnorm_ext::stoch_norm_backward")
-def _(grad_output, input, weight, mask, center, invstd):
-    return (_like_input(input),) + _param_grads(input, weight)
-
-
-@torch.library.register_fake("stochnorm_ext::batch_group_norm_backward")
-def _(grad_output, input, num_groups, weight, center, invstd, use_batch_stats):
-    return (_like_input(input),) + _param_grads(input, weight)
-
-
-@torch.library.register_fake("stochnorm_ext::cross_iteration_norm_backward")
-def _(grad_output, input, weight, center, invstd, past_keep, use_batch_stats):
-    return (_like_input(input),) + _param_grads(input, weight)
+@torch.library.register_fake("stochnorm_ext::norm_backward")
+def _(grad_output, input, weight, center, var, red, num_groups, eps, output_mask):
+    """Unrequested gradients are zero-size; parameter gradients in the weight's dtype (the
+    accumulation dtype without weight)."""
+    C = input.shape[1]
+    dtype = weight.dtype if weight is not None else _acc_dtype(input)
+    grad_input = _like_input(input) if output_mask[0] else input.new_empty(0)
+    return (grad_input, input.new_empty(C if output_mask[1] else 0, dtype=dtype),
+            input.new_empty(C if output_mask[2] else 0, dtype=dtype))
 
 
 # ------------------------------------------------------------------------------- autograd
+# norm_apply / norm_backward / the statistics ops: in C++ (csrc/autograd.cpp).
 def _grad_for(ctx, index: int, grad):
     """A gradient only for inputs that asked for one."""
     return grad if ctx.needs_input_grad[index] else None
-
-
-def _param_grad(ctx, index: int, grad, param_dtype):
-    if not ctx.needs_input_grad[index]:
-        return None
-    return grad if param_dtype is None or grad.dtype == param_dtype else grad.to(param_dtype)
-
-
-def _save_for_backward(ctx, x, weight, bias, output, *extra):
-    """What every layer's backward reads: the input, the weight, the normalisation tables
-    (center, invstd: outputs 3 and 4 of a forward op) and ``extra``; the bias dtype."""
-    ctx.save_for_backward(x, weight, output[3], output[4], *extra)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    # Batch statistics and the normalisation tables are outputs for the running update and
-    # for backward, not differentiable results (running statistics are constants). No zero
-    # gradients are made up for them: backward only ever reads the output's gradient.
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-# StochNorm ------------------------------------------------------------------------------
-def _stoch_norm_setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, mask, eps = inputs
-    _save_for_backward(ctx, x, weight, bias, output, mask)
-
-
-def _stoch_norm_backward(ctx, grad_y, *unused):
-    if grad_y is None:
-        return (None,) * 7
-    x, weight, center, invstd, mask = ctx.saved_tensors
-    grad_x, grad_w, grad_b = defaults.stoch_norm_backward(grad_y, x, weight, mask, center, invstd)
-    return (_grad_for(ctx, 0, grad_x), _param_grad(ctx, 1, grad_w, None),
-            _param_grad(ctx, 2, grad_b, ctx.bias_dtype), None, None, None, None)
-
-
-torch.library.register_autograd("stochnorm_ext::stoch_norm_forward", _stoch_norm_backward,
-                                setup_context=_stoch_norm_setup)
-
-
-# BGN ------------------------------------------------------------------------------------
-def _bgn_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, running_mean, running_var, use_batch_stats, eps = inputs
-    _save_for_backward(ctx, x, weight, bias, output)
-    ctx.num_groups, ctx.use_batch_stats = num_groups, use_batch_stats
-
-
-def _bgn_backward(ctx, grad_y, *unused):
-    if grad_y is None:
-        return (None,) * 8
-    x, weight, center, invstd = ctx.saved_tensors
-    grad_x, grad_w, grad_b = defaults.batch_group_norm_backward(grad_y, x, ctx.num_groups, weight, center,
-                                                                invstd, ctx.use_batch_stats)
-    return (_grad_for(ctx, 0, grad_x), None, _param_grad(ctx, 2, grad_w, None),
-            _param_grad(ctx, 3, grad_b, ctx.bias_dtype), None, None, None, None)
-
-
-torch.library.register_autograd("stochnorm_ext::batch_group_norm_forward", _bgn_backward, setup_context=_bgn_setup)
-
-
-# CBN ------------------------------------------------------------------------------------
-def _cbn_setup(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, past_mean, past_var, past_keep, use_batch_stats, eps = inputs
-    _save_for_backward(ctx, x, weight, bias, output, past_keep)
-    ctx.use_batch_stats = use_batch_stats
-
-
-def _cbn_backward(ctx, grad_y, *unused):
-    if grad_y is None:
-        return (None,) * 10
-    x, weight, center, invstd, past_keep = ctx.saved_tensors
-    grad_x, grad_w, grad_b = defaults.cross_iteration_norm_backward(grad_y, x, weight, center, invstd,
-                                                                    past_keep, ctx.use_batch_stats)
-    # The compensated past statistics are constants (docs/SPEC.md): no gradient flows into them.
-    return (_grad_for(ctx, 0, grad_x), _param_grad(ctx, 1, grad_w, None),
-            _param_grad(ctx, 2, grad_b, ctx.bias_dtype), None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("stochnorm_ext::cross_iteration_norm_forward", _cbn_backward,
-                                setup_context=_cbn_setup)
 
 
 # Core ops: differentiable building blocks ------------------------------------------------
@@ -285,7 +198,6 @@ def _no_double_backward(name: str):
     torch.library.register_autograd(f"stochnorm_ext::{name}", backward, setup_context=setup_context)
 
 
-for _name in ("stoch_norm_backward", "batch_group_norm_backward", "cross_iteration_norm_backward",
-              "segment_grad_sums", "segment_grad_apply"):
+for _name in ("segment_grad_sums", "segment_grad_apply"):
     _no_double_backward(_name)
 del _name

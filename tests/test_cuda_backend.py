@@ -119,11 +119,13 @@ def test_tensors_on_other_devices_are_refused():
     with pytest.raises(RuntimeError, match="CUDA input"):
         ops.segment_apply(x.cpu(), table.cuda(), table.cuda(), table.cuda())
     with pytest.raises(RuntimeError, match="on cpu"):
-        ops.cross_iteration_norm_forward(x, None, None, None, None, torch.zeros(1, 3), torch.ones(1, 3),
-                                         torch.ones(1, 3, dtype=torch.bool, device="cuda"), True, 1e-5)
+        ops.cross_iteration_norm_stats(x, None, None, torch.zeros(1, 3), torch.ones(1, 3),
+                                       torch.ones(1, 3, dtype=torch.bool, device="cuda"), 0.1, None, False)
     with pytest.raises(RuntimeError, match="is on cpu"):
-        ops.stoch_norm_forward(x, None, None, torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
-                               torch.ones(3, dtype=torch.bool), 1e-5)
+        ops.stoch_norm_stats(x, torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
+                             torch.ones(3, dtype=torch.bool), 0.1, None, True)
+    with pytest.raises(RuntimeError, match="is on cpu"):
+        ops.norm_apply(x, None, None, table, table.cuda(), None, 3, 1e-5)
 
 
 @gpu
@@ -241,3 +243,26 @@ def test_walk_check_on_host(tmp_path):
     assert build.returncode == 0, build.stderr[-4000:]
     result = subprocess.run([exe], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "all checks passed" in result.stdout, result.stdout[-4000:] + result.stderr
+
+
+@gpu
+@pytest.mark.parametrize("G", [1, 2, 6, 12])
+def test_launches_per_op_on_device(G):
+    """The launches of tests/test_op_contract.py::test_launches_per_op on the GPU, where each
+    reduction pass may add one merge kernel when it splits its rows over several blocks (not
+    at these small sizes: the counts are exact), and the step count is one ATen add_."""
+    from stochnorm_ext._ops import defaults as ops
+    from test_op_contract import launches
+    C = 6
+    x, dy = torch.randn(4, C, 4, 4, device="cuda"), torch.randn(4, C, 4, 4, device="cuda")
+    rm, rv, nbt = torch.zeros(G, device="cuda"), torch.ones(G, device="cuda"), torch.tensor(0, device="cuda")
+    stats, n = launches(ops.batch_group_norm_stats, x, G, rm, rv, None, nbt, True)
+    assert n == 3 and nbt.item() == 1
+    w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+    _, n = launches(ops.norm_apply, x, w, b, *stats, G, 1e-5)
+    assert n == 2
+    _, n = launches(ops.norm_backward, dy, x, w, *stats, G, 1e-5, [True, True, True])
+    assert n == 3 + (1 if G < C else 0)
+    big = torch.randn(2, 2, 1 << 20, device="cuda")  # long rows: the reductions split and merge
+    _, n = launches(ops.batch_group_norm_stats, big, 1, None, None, 0.1, None, False)
+    assert n == 3  # stats + merge + one coefficient step (G = 1, C = 2: one block reduction)

@@ -73,63 +73,65 @@ def samples_segment_grad_apply():
         yield (_x(shape, fmt), _x(shape, fmt), *(torch.randn(C, P) for _ in range(4)))
 
 
-def samples_update_running_stats():
-    for dtype in (torch.float32, torch.float64):
-        yield (_vec(5, dtype), _vec(5, dtype, positive=True), _vec(5), _vec(5, positive=True), 12, 0.1)
+def _stats_state(n, dtype=torch.float32, momentum=0.1, counted=True):
+    """running_mean, running_var, momentum, num_batches_tracked of one statistics-op call."""
+    nbt = torch.tensor(3) if counted else None
+    return _vec(n, dtype), _vec(n, dtype, positive=True), momentum, nbt
 
 
-def samples_stoch_norm_forward():
+def samples_stoch_norm_stats():
     C = 5
-    cases = [((4, C, 3, 3), "contiguous", True, True), ((4, C, 3, 3), "channels_last", True, False),
-             ((4, C, 3, 3), "channels_last", False, True), ((6, C), "contiguous", True, True),
-             ((2, C, 2, 2, 3), "channels_last", True, True), ((3, C, 4), "noncontig", False, False)]
-    for shape, fmt, training, affine in cases:
-        mask = torch.rand(C) < 0.5 if training else None
-        yield (_x(shape, fmt, requires_grad=True), _vec(C, requires_grad=True) if affine else None,
-               _vec(C, requires_grad=True) if affine else None, _vec(C), _vec(C, positive=True), mask, 1e-5)
-    yield (_x((4, C, 3, 3), dtype=torch.bfloat16, requires_grad=True), _vec(C, requires_grad=True),
-           _vec(C, requires_grad=True), _vec(C), _vec(C, positive=True), torch.rand(C) < 0.5, 1e-5)
+    for shape, fmt in (((4, C, 3, 3), "contiguous"), ((4, C, 3, 3), "channels_last"), ((6, C), "contiguous"),
+                       ((3, C, 4), "noncontig")):
+        for momentum, update in ((0.1, True), (None, True), (0.1, False)):
+            rm, rv, momentum, nbt = _stats_state(C, momentum=momentum)
+            yield (_x(shape, fmt, requires_grad=True), rm, rv, torch.rand(C) < 0.5, momentum, nbt, update)
+    rm, rv, _, _ = _stats_state(C)  # bfloat16 input, float32 running statistics, no step count
+    yield (_x((4, C, 3, 3), dtype=torch.bfloat16), rm, rv, torch.rand(C) < 0.5, 0.1, None, True)
 
 
-def samples_stoch_norm_backward():
-    C = 5
-    for shape, fmt in (((4, C, 3, 3), "contiguous"), ((4, C, 3, 3), "channels_last"), ((6, C), "contiguous")):
-        for mask in (torch.rand(C) < 0.5, None):
-            for weight in (_vec(C), None):
-                yield (_x(shape, fmt), _x(shape, fmt), weight, mask, _vec(C), _vec(C, positive=True))
-
-
-def samples_batch_group_norm_forward():
+def samples_batch_group_norm_stats():
     C = 6
-    cases = [((4, C, 4, 4), "contiguous", 2, True), ((4, C, 4, 4), "channels_last", 12, True),
-             ((4, C, 4, 4), "channels_last", 2, False), ((6, C, 2), "contiguous", 12, False)]
-    for shape, fmt, G, use_batch in cases:
-        yield (_x(shape, fmt, requires_grad=True), G, _vec(C, requires_grad=True), _vec(C, requires_grad=True),
-               _vec(G), _vec(G, positive=True), use_batch, 1e-5)
-    yield (_x((4, C, 4, 4), requires_grad=True), 3, None, None, None, None, True, 1e-5)
+    for shape, fmt, G in (((4, C, 4, 4), "contiguous", 2), ((4, C, 4, 4), "channels_last", 12),
+                          ((4, C, 4, 4), "contiguous", 1), ((6, C, 2), "contiguous", 6)):
+        rm, rv, momentum, nbt = _stats_state(G, momentum=None if G == 12 else 0.2)
+        yield (_x(shape, fmt, requires_grad=True), G, rm, rv, momentum, nbt, True)
+    yield (_x((4, C, 4, 4), dtype=torch.float64), 3, None, None, 0.1, None, False)  # no running statistics
+    rm, rv, _, _ = _stats_state(3, torch.float64)  # float64 running statistics with float32 input
+    yield (_x((4, C, 4, 4)), 3, rm, rv, 0.1, None, True)
 
 
-def samples_batch_group_norm_backward():
-    C = 6
-    for shape, fmt, G, use_batch in (((4, C, 4, 4), "contiguous", 3, True), ((4, C, 4, 4), "channels_last", 12, True),
-                                     ((4, C, 4, 4), "channels_last", 3, False)):
-        yield (_x(shape, fmt), _x(shape, fmt), G, _vec(C), _vec(G), _vec(G, positive=True), use_batch)
-
-
-def samples_cross_iteration_norm_forward():
+def samples_cross_iteration_norm_stats():
     C = 5
-    for fmt, K, use_batch in (("contiguous", 2, True), ("channels_last", 0, True), ("channels_last", 2, False)):
-        yield (_x((4, C, 3, 3), fmt, requires_grad=True), _vec(C, requires_grad=True),
-               _vec(C, requires_grad=True), _vec(C), _vec(C, positive=True), torch.randn(K, C),
-               torch.rand(K, C) + 0.5, torch.rand(K, C) < 0.6, use_batch, 1e-5)
+    for fmt, K, running in (("contiguous", 2, True), ("channels_last", 0, True), ("channels_last", 3, False)):
+        rm, rv, momentum, nbt = _stats_state(C) if running else (None, None, 0.1, None)
+        yield (_x((4, C, 3, 3), fmt, requires_grad=True), rm, rv, torch.randn(K, C), torch.rand(K, C) + 0.5,
+               torch.rand(K, C) < 0.6, momentum, nbt, running)
 
 
-def samples_cross_iteration_norm_backward():
-    C = 5
-    for fmt in ("contiguous", "channels_last"):
-        for K in (0, 3):
-            yield (_x((4, C, 3, 3), fmt), _x((4, C, 3, 3), fmt), _vec(C), _vec(C), _vec(C, positive=True),
-                   torch.rand(K, C) < 0.6, True)
+def _stat_tables(G, dtype=torch.float32, red=True):
+    return (torch.randn(G, dtype=dtype), torch.rand(G, dtype=dtype) + 0.5,
+            torch.full((G,), 0.05, dtype=dtype) if red else None)
+
+
+def samples_norm_apply():
+    for shape, fmt, G in (((4, 6, 4, 4), "contiguous", 6), ((4, 6, 4, 4), "channels_last", 2),
+                          ((4, 6, 4, 4), "channels_last", 12), ((6, 6), "contiguous", 3), ((3, 6, 4), "noncontig", 6)):
+        C = shape[1]
+        for affine, red in ((True, True), (False, False)):
+            yield (_x(shape, fmt, requires_grad=True), _vec(C, requires_grad=True) if affine else None,
+                   _vec(C, requires_grad=True) if affine else None, *_stat_tables(G, red=red), G, 1e-5)
+    yield (_x((4, 6, 4, 4), dtype=torch.float16, requires_grad=True), _vec(6, torch.float16, True),
+           _vec(6, torch.float16, True), *_stat_tables(3), 3, 1e-5)
+
+
+def samples_norm_backward():
+    for shape, fmt, G in (((4, 6, 4, 4), "contiguous", 6), ((4, 6, 4, 4), "channels_last", 2),
+                          ((4, 6, 4, 4), "channels_last", 12), ((6, 6), "contiguous", 1)):
+        C = shape[1]
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            for weight, red in ((_vec(C), True), (None, False)):
+                yield (_x(shape, fmt), _x(shape, fmt), weight, *_stat_tables(G, red=red), G, 1e-5, mask)
 
 
 SAMPLES = {
@@ -137,13 +139,11 @@ SAMPLES = {
     "segment_apply": samples_segment_apply,
     "segment_grad_sums": samples_segment_grad_sums,
     "segment_grad_apply": samples_segment_grad_apply,
-    "update_running_stats": samples_update_running_stats,
-    "stoch_norm_forward": samples_stoch_norm_forward,
-    "stoch_norm_backward": samples_stoch_norm_backward,
-    "batch_group_norm_forward": samples_batch_group_norm_forward,
-    "batch_group_norm_backward": samples_batch_group_norm_backward,
-    "cross_iteration_norm_forward": samples_cross_iteration_norm_forward,
-    "cross_iteration_norm_backward": samples_cross_iteration_norm_backward,
+    "stoch_norm_stats": samples_stoch_norm_stats,
+    "batch_group_norm_stats": samples_batch_group_norm_stats,
+    "cross_iteration_norm_stats": samples_cross_iteration_norm_stats,
+    "norm_apply": samples_norm_apply,
+    "norm_backward": samples_norm_backward,
 }
 
 
@@ -151,7 +151,8 @@ def test_every_op_has_samples():
     """A new op of csrc/ops.cpp must get opcheck samples here (the Triton backend's own
     ``triton_*`` ops in the namespace are checked with that backend)."""
     schemas = {s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("stochnorm_ext::")}
-    schemas = {name for name in schemas if not name.startswith("triton_")}
+    # (private ops, "_" prefix, are not part of the contract: _device_launches is tested below)
+    schemas = {name for name in schemas if not name.startswith(("triton_", "_"))}
     assert schemas == set(SAMPLES), schemas ^ set(SAMPLES)
 
 
@@ -200,16 +201,6 @@ def test_core_ops_are_differentiable():
     shift = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: ops.segment_stats(x, 2), (x,))
     assert torch.autograd.gradcheck(ops.segment_apply, (x, center, scale, shift))
-
-
-def test_update_running_stats_matches_batch_norm():
-    x = torch.randn(6, 4, 3, 3)
-    rm, rv = torch.zeros(4), torch.ones(4)
-    torch.nn.functional.batch_norm(x, rm, rv, training=True, momentum=0.2)
-    m, v = torch.zeros(4), torch.ones(4)
-    ops.update_running_stats(m, v, x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False), 54, 0.2)
-    torch.testing.assert_close(m, rm)
-    torch.testing.assert_close(v, rv)
 
 
 # ----------------------------------------------------------------------------- double backward

@@ -1,6 +1,5 @@
-// The CPU kernels of every stochnorm_ext device op: the layers and core ops of csrc/layers.h
-// over the CPU core (segment_core.h), the coefficient steps of csrc/coefficients.h run as a
-// loop over their index.
+// The CPU kernels of every stochnorm_ext device op: the ops of csrc/layers.h over the CPU core
+// (segment_core.h), the coefficient steps of csrc/coefficients.h run as loops.
 #include <torch/library.h>
 
 #include "../layers.h"
@@ -23,6 +22,20 @@ struct CpuDevice {
   static void for_each_index(int64_t n, const Args& args) {
     for (int64_t i = 0; i < n; ++i) Step()(i, args);
   }
+
+  // A unit step (coefficients.h): the members' partials combined in member order, then finish.
+  template <typename Step, typename Args>
+  static void for_each_unit(int64_t units, int64_t members, const Args& args) {
+    const Step step;
+    for (int64_t u = 0; u < units; ++u) {
+      typename Step::Partial total{};
+      for (int64_t m = 0; m < members; ++m) total = Step::Partial::combine(total, step.partial(u, m, args));
+      for (int64_t m = 0; m < members; ++m) step.finish(u, m, total, args);
+    }
+  }
+
+  // num_batches_tracked += 1 in place (a host write: no ATen dispatch on the CPU).
+  static void increment(const at::Tensor& count) { *count.data_ptr<int64_t>() += 1; }
 };
 
 }  // namespace

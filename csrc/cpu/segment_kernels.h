@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "../coefficients.h"
+#include "../welford.h"
 #include "segment_core.h"
 
 #ifndef CPU_CAPABILITY
@@ -95,7 +95,7 @@ inline acc_t horizontal_sum(const Vectorized<acc_t>& v) {
 struct Moments {
   double count = 0, mean = 0, m2 = 0;
   void merge(double count_b, double mean_b, double m2_b) {
-    coefficients::chan_merge(count, mean, m2, count_b, mean_b, m2_b);
+    welford::chan_merge(count, mean, m2, count_b, mean_b, m2_b);
   }
 };
 

@@ -47,6 +47,7 @@ void launch_stats(const common::SegmentGeometry& geo, const scalar_t* x, at::Ten
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (shape.splits > 1) {
+    common::count_launch();  // the merge: a second kernel of this pass (tests count launches)
     merge_stats_kernel<acc_t><<<merge_blocks(segments), merge_threads(shape.splits), 0, stream>>>(
         segments, shape.splits, part_count.const_data_ptr<acc_t>(), part_mean.const_data_ptr<acc_t>(),
         part_m2.const_data_ptr<acc_t>(), part_shift.const_data_ptr<acc_t>(), mean.data_ptr<double>(),
@@ -80,6 +81,7 @@ void launch_grad_sums(const common::SegmentGeometry& geo, const scalar_t* dy, co
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (shape.splits > 1) {
+    common::count_launch();  // the merge: a second kernel of this pass
     merge_sums_kernel<acc_t><<<merge_blocks(segments), merge_threads(shape.splits), 0, stream>>>(
         segments, shape.splits, part_dy.const_data_ptr<acc_t>(), part_dy_xc.const_data_ptr<acc_t>(),
         sum_dy.data_ptr<acc_t>(), sum_dy_xc.data_ptr<acc_t>());

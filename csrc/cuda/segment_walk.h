@@ -31,7 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../coefficients.h"
+#include "../welford.h"
 
 namespace stochnorm_ext::cuda {
 
@@ -130,7 +130,7 @@ struct Moments {
   C10_HOST_DEVICE void merge(const Moments& b) {
     for (int k = 0; k < V; ++k) {
       T lane_count = count;  // chan_merge updates it; every lane would compute the same total
-      coefficients::chan_merge(lane_count, mean[k], m2[k], b.count, b.mean[k], b.m2[k]);
+      welford::chan_merge(lane_count, mean[k], m2[k], b.count, b.mean[k], b.m2[k]);
     }
     count += b.count;
   }

@@ -1,0 +1,37 @@
+// The one Welford / Chan toolkit of the library, shared by the CPU kernels
+// (cpu/segment_kernels.h), the CUDA kernels (cuda/segment_walk.h) and the coefficient steps
+// (coefficients.h): moments (count, mean, m2) of a set of values, m2 the sum of squared
+// deviations from the mean, and Chan et al.'s parallel merge of two such sets.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+namespace stochnorm_ext::welford {
+
+// Fold the moments (count_b, mean_b, m2_b) of another set of values into (count, mean, m2).
+// An empty set (count_b == 0) changes nothing; merging into an empty set copies the other.
+template <typename T>
+C10_HOST_DEVICE inline void chan_merge(T& count, T& mean, T& m2, T count_b, T mean_b, T m2_b) {
+  if (count_b == T(0)) return;
+  const T total = count + count_b;
+  const T delta = mean_b - mean;
+  mean += delta * (count_b / total);
+  m2 += m2_b + delta * delta * (count * count_b / total);
+  count = total;
+}
+
+// The moments as one value, for reductions that combine partial results (a CPU loop, a CUDA
+// block reduction): Moments{} is the empty set, combine() is chan_merge.
+template <typename T>
+struct Moments {
+  T count = T(0);
+  T mean = T(0);
+  T m2 = T(0);
+
+  C10_HOST_DEVICE static Moments combine(Moments a, const Moments& b) {
+    chan_merge(a.count, a.mean, a.m2, b.count, b.mean, b.m2);
+    return a;
+  }
+};
+
+}  // namespace stochnorm_ext::welford
