@@ -65,6 +65,7 @@ _PACKAGE = __package__.rpartition(".")[0]  # stochnorm_ext
 _DEVICES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
 
 _loaded: Dict[str, object] = {}
+_resolved: Dict[tuple, object] = {}
 _missing: Dict[str, str] = {}
 
 
@@ -90,6 +91,7 @@ def _load(name: str):
         _missing[name] = reason
         return None
     _loaded[name] = module
+    _resolved.clear()  # a default choice may change now that this backend is there
     return module
 
 
@@ -149,6 +151,18 @@ def resolve(backend: Optional[str], device: torch.device):
     Raises ValueError for an unknown name and RuntimeError, naming what is missing, for a
     known backend that is not available or does not run on this device.
     """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+    key = (backend, device.type)
+    module = _resolved.get(key)
+    # Every layer call resolves its backend: remember successes (what is loaded does not
+    # change once loaded); failures take the full path again and raise.
+    if module is None:
+        module = _resolved[key] = _resolve(backend, device)
+    return module
+
+
+def _resolve(backend: Optional[str], device: torch.device):
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
     if backend is None:
