@@ -17,7 +17,6 @@ thread), ratios the medians of the per-round ratios, spread flags. Rows are plai
 """
 from __future__ import annotations
 
-import copy
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -224,6 +223,7 @@ def run_network(device: str, layers: Sequence[str], backends: Sequence[str], set
     """The network rows: one SGD training step per call of each network with each layer
     (per our backend), op (and launch) counts per step."""
     timer = host_timer_method(settings)
+    bn_kind = batch_norm_kind(torch.randn(2, 4, 3, 3, device=device))
     rows = []
     for case, shape, model, why_not in _network_models(config):
         if model is None:
@@ -232,12 +232,12 @@ def run_network(device: str, layers: Sequence[str], backends: Sequence[str], set
         steps = []
         for layer in network_layer_names(layers, config.bgn_groups):
             for backend in ([None] if layer == "bn" else backends):
-                impl = "native" if backend is None else backend
+                impl = bn_kind if backend is None else backend
                 row = _row("network", device, case, layer, impl, "step", backend, layer == "bn", timer)
                 step = None
                 try:
                     torch.manual_seed(0)
-                    step = training_step(with_layer(copy.deepcopy(model), layer, backend), shape, device)
+                    step = training_step(with_layer(model, layer, backend), shape, device)  # converts a copy
                     for _ in range(CBN_WINDOW + 1):
                         step()
                     row["ops"], row["launches"], row["error"] = _counts(step, device)
