@@ -278,7 +278,7 @@ def add_small_batch_metrics(rows: List[dict], max_spread: float = MAX_SPREAD) ->
         if r.get("skipped"):
             r.update(ratio_to_bn=None, spread=None, flag="")
             continue
-        base = "conv+bn" if r["layer"] == "conv+cbn" else "bn"
+        base = "conv+bn" if r["layer"].startswith("conv+") else "bn"  # conv+bn is its own baseline
         ratio, ratio_spread = _round_ratios(r, baselines.get(key(r, base)))
         r["ratio_to_bn"] = ratio
         r["spread"] = spread(r["round_times_ms"]) if r["baseline"] else ratio_spread
