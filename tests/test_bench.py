@@ -364,10 +364,13 @@ def test_cli_rounds_group_specs_and_3x3_conv(tmp_path, capsys):
     path = str(tmp_path / "out.json")
     status = cli.main(["--device", "cpu", "--quick", "--shapes", "8x4x4", "--batches", "2", "--skip-checks",
                          "--min-run-time", "0.002", "--threads", "1", "--no-progress", "--backends", "cpu",
-                         "--rounds", "2", "--bgn-groups", "C/4", "2C", "--conv", "3x3", "--json", path])
+                         "--rounds", "2", "--bgn-groups", "C/4", "2C", "--conv", "3x3", "--json", path,
+                         "--no-small-batch"])  # the small-batch section: tests/test_bench_small_batch.py
     printed = capsys.readouterr().out
     assert status == 0, printed
-    rows = json.load(open(path))["rows"]
+    result = json.load(open(path))
+    rows = result["rows"]
+    assert result["small_batch"] == []
     timed = {(r["layer"], r["impl"]) for r in rows}
     assert {("bgn G=2C", "cpu"), ("bgn G=2C", "published"), ("bgn", "cpu"), ("conv+cbn", "cpu")} <= timed
     assert all(r["time_ms"] > 0 and not r["error"] for r in rows)

@@ -33,7 +33,31 @@ Per device (CPU, and CUDA when present; ``--device`` picks):
                  and their Jacobians from ``torch.autograd.grad`` of the channel mean and
                  mean of squares w.r.t. the conv weight, as the released code does) and our
                  ``Conv2dCBN`` per backend.
+4. The small-batch section (on by default; ``--small-batch-only`` runs only it after the
+   checks, ``--no-small-batch`` skips it), where a step is bound by the host, not by
+   memory bandwidth:
 
+   per call      on a tiny input (2x8x2x2 float32) each layer's module (StochNorm2d; BGN
+                 with groups of 4 channels and with one group; Conv2dCBN, window 4) against
+                 ``nn.BatchNorm2d`` (conv + CBN against conv + BN, 3x3 conv): training
+                 forward, training forward + backward, eval; time per call (us), ratio to
+                 BatchNorm, the dispatched non-view ops per call (``count_ops``) and, on
+                 CUDA, the kernels launched (``count_launches``; "-" on CPU).
+   training step one SGD step (zero_grad, forward, cross-entropy, backward, update) of
+                 ``conv_stack()`` (eight 3x3 conv + norm + ReLU blocks, ResNet-18's widths
+                 and strides, input 8x3x64x64) and of torchvision's resnet18 (same input,
+                 where torchvision imports), built with BatchNorm and converted to each
+                 layer with ``stochnorm_ext.convert_model``: ms per step, ratio to the
+                 BatchNorm network, ops and launches per step.
+
+   ``--quick`` runs it on the conv stack at an eighth of the widths on 2x3x16x16 and
+   without resnet18. Its tables have their own legend; ``--markdown`` writes it into
+   ``<!-- bench:DEVICE-small-batch:start/end -->``; ``--csv out.csv`` writes its rows to
+   ``out_small_batch.csv``; ``--json`` under ``small_batch``.
+
+   For other code and tests: ``stochnorm_ext.bench.conv_stack`` builds that network (and
+   ``with_layer`` converts a copy), ``count_ops(fn, *args)`` counts the non-view ops a call
+   dispatches (``OpCounter`` names them), ``count_launches`` the GPU launches.
 
 The table (one per case) and the legend printed under it (also written into the markdown)
 explain every column and flag: time (ms), time relative to the baseline (``/BN``;
@@ -90,7 +114,9 @@ finite) and the checks use their own inputs.
 Modules, one concern each: ``cases`` (what is run on), ``subjects`` and ``baselines``
 (what is timed), ``traffic`` (bytes moved), ``timing``, ``environment`` (threads, load,
 paths), ``checks``, ``throughput`` (the layers-against-BatchNorm section), ``report``,
-``plot``, ``cli``.
+``plot``, ``counting`` (ops and launches per call), ``networks`` (the conv stack, resnet18,
+conversion, SGD step), ``small_batch`` (the small-batch section), ``report_small_batch``,
+``cli``.
 
 Exit status 1 if a check fails or a benchmark raises (flagged rows are reported, not
 failures).
@@ -105,5 +131,8 @@ except ImportError as exc:
 
 from stochnorm_ext import selfcheck  # noqa: F401,E402 (sets TRITON_INTERPRET before Triton loads)
 from stochnorm_ext.bench.cli import main  # noqa: E402
+from stochnorm_ext.bench.counting import OpCounter, count_launches, count_ops  # noqa: E402
+from stochnorm_ext.bench.networks import RESNET18_WIDTHS, conv_stack, training_step, with_layer  # noqa: E402
 
-__all__ = ["main"]
+__all__ = ["main", "OpCounter", "count_ops", "count_launches", "conv_stack", "with_layer", "training_step",
+           "RESNET18_WIDTHS"]

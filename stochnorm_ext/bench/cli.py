@@ -13,16 +13,17 @@ import torch
 
 import stochnorm_ext as sx
 from stochnorm_ext import backend as registry
-from stochnorm_ext.bench import report
+from stochnorm_ext.bench import report, report_small_batch
 from stochnorm_ext.bench.cases import (BGN_GROUPS, CONVS, CPU_BATCHES, CPU_DTYPES, CPU_SHAPES, DIRECTIONS, DTYPES,
                                        GPU_BATCHES, GPU_DTYPES, GPU_SHAPES, LAYERS, MEMORY_FORMATS,
                                        RESNET50_BN_SHAPES, bgn_groups, cases_for, parse_shape)
 from stochnorm_ext.bench.checks import CheckResult, backends_to_check, identity_checks, run_checks
 from stochnorm_ext.bench.environment import (available_cores, choose_threads, device_name, environment_info,
                                              load_average, scrub_paths)
+from stochnorm_ext.bench.small_batch import SmallBatchConfig, planned_timings, run_small_batch
 from stochnorm_ext.bench.subjects import build_subject_names
 from stochnorm_ext.bench.throughput import MAX_SPREAD, ROUNDS, add_metrics, benchmark_case
-from stochnorm_ext.bench.timing import TimerSettings, copy_bandwidth_gbps
+from stochnorm_ext.bench.timing import TimerSettings, copy_bandwidth_gbps, host_timer_method
 from stochnorm_ext.bench.traffic import minimum_bytes
 
 QUICK_ROUNDS = 3
@@ -139,6 +140,15 @@ def parse_args(argv):
                    help="write each device's report into FILE between <!-- bench:DEVICE:start/end --> "
                         "markers (replacing that section, or appending it)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    small = p.add_mutually_exclusive_group()
+    small.add_argument("--small-batch-only", action="store_true",
+                       help="run only the small-batch section (after the checks): per-call host time, op and "
+                            "launch counts of each layer against BatchNorm on a 2x8x2x2 input, and an SGD step "
+                            "of a ResNet-18-width conv stack and of torchvision's resnet18 with each layer; "
+                            "--markdown then rewrites only its DEVICE-small-batch sections")
+    small.add_argument("--no-small-batch", action="store_true",
+                       help="skip the small-batch section (on by default; --quick runs it on a smaller network "
+                            "without resnet18)")
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = QUICK_ROUNDS if args.quick else ROUNDS
@@ -190,8 +200,13 @@ def print_plan(args, devices) -> None:
         if device == "cpu":
             threads = thread_choice(args.threads)
             print(f"  threads: {threads['count']} ({threads['why']})")
-        print("  subjects: " + ", ".join(f"{layer}/{impl}" for layer, impl in names))
-        for case in cases:
+        if not args.small_batch_only:
+            print("  subjects: " + ", ".join(f"{layer}/{impl}" for layer, impl in names))
+        if not args.no_small_batch:
+            config = small_batch_config(args)
+            print(f"  small batch: {planned_timings(args.layers, backends, config)} timings x {args.rounds} "
+                  f"round(s); " + "; ".join(config.describe()))
+        for case in (cases if not args.small_batch_only else []):
             sizes = " ".join(f"{d}={minimum_bytes(d, case.numel, case.element_size) / 2**20:.1f}MiB"
                              for d in DIRECTIONS)
             print(f"  {case.label:34s} minimum bytes: {sizes}")
@@ -243,7 +258,9 @@ def _run(args, argv, devices, threads: dict) -> int:
     if "cpu" in devices and threads["count"] > threads["auto"]:
         print(f"warning: CPU threads: {threads['count']} ({threads['why']})", file=sys.stderr)
 
-    plan = [(device, backends_for(device, args.backends), cases_for(device, args)) for device in devices]
+    main_section, small_section = not args.small_batch_only, not args.no_small_batch
+    plan = [(device, backends_for(device, args.backends), cases_for(device, args) if main_section else [])
+            for device in devices]
     checks: List[CheckResult] = []
     if not args.skip_checks:
         checks += identity_checks()
@@ -255,48 +272,88 @@ def _run(args, argv, devices, threads: dict) -> int:
         for c in checks:
             print("  " + c.line())
 
-    rows, copy_gbps = [], {}
+    rows, small_rows, copy_gbps = [], [], {}
+    config = small_batch_config(args)
     total = sum(len(cases) * len(build_subject_names(args.layers, backends, args.bgn_groups)) * len(DIRECTIONS)
-                * args.rounds for _, backends, cases in plan)
+                * args.rounds + small_section * planned_timings(args.layers, backends, config) * args.rounds
+                for _, backends, cases in plan)
     progress = Progress(total, enabled=not args.no_progress)
     for device, backends, cases in plan:
         settings = timer_settings(device, args)
-        copy_gbps[device] = copy_bandwidth_gbps(settings, args.rounds)
-        env["devices"][device] = dict(name=device_name(device), timer=settings.method,
-                                      copy_gbps=copy_gbps[device], backends_timed=backends)
+        env["devices"][device] = dict(name=device_name(device), timer=settings.method, backends_timed=backends,
+                                      small_batch_timer=host_timer_method(settings))
+        if main_section:
+            copy_gbps[device] = env["devices"][device]["copy_gbps"] = copy_bandwidth_gbps(settings, args.rounds)
         for case in cases:
             rows += benchmark_case(case, args.layers, backends, settings, progress, rounds=args.rounds,
                                    groups=args.bgn_groups, conv=args.conv)
+        if small_section:
+            small_rows += run_small_batch(device, args.layers, backends, settings, progress, args.rounds, config,
+                                          args.max_spread)
     progress.close()
     env["load_average_at_end"] = load_average()
     add_metrics(rows, copy_gbps, checks, args.max_spread)
     legend = report.legend(args.rounds, args.max_spread, copy_gbps)
+    small_legend = report_small_batch.legend(args.rounds, args.max_spread, devices)
 
     print()
-    for device in devices:
-        print("\n".join(report.device_lines(device, env)))
+    if main_section:
+        for device in devices:
+            print("\n".join(report.device_lines(device, env)))
     print(report.load_line(env) + "\n")
-    print(report.format_table(rows))
-    print(report.format_legend(legend))
-    summary = report.flag_summary(rows)
-    if summary:
-        print(summary)
+    if main_section:
+        print(report.format_table(rows))
+        print(report.format_legend(legend))
+        summary = report.flag_summary(rows)
+        if summary:
+            print(summary)
+    if small_section:
+        print("Small batches (the host path: per call on a tiny input, and whole-network training steps); "
+              + "; ".join(config.describe()) + "; timer " + "; ".join(
+                  f"{d}: {env['devices'][d]['small_batch_timer']}" for d in devices) + "\n")
+        print(report_small_batch.format_tables(small_rows))
+        print(report.format_legend(small_legend))
+        summary = report_small_batch.flag_summary(small_rows)
+        if summary:
+            print(summary)
 
-    result = dict(environment=env, checks=[asdict(c) for c in checks], rows=rows)
+    result = dict(environment=env, checks=[asdict(c) for c in checks], rows=rows, small_batch=small_rows)
     if args.json:
         report.write_json(args.json, result)
     if args.csv:
-        report.write_csv(args.csv, rows)
+        if main_section:
+            report.write_csv(args.csv, rows)
+        if small_section:
+            report.write_csv(_csv_beside(args.csv, "_small_batch"), small_rows)
     if args.plot:
-        from stochnorm_ext.bench.plot import write_plot
-        write_plot(args.plot, rows, env)
+        if main_section:
+            from stochnorm_ext.bench.plot import write_plot
+            write_plot(args.plot, rows, env)
+        else:
+            print("note: --plot draws the main section's fwd+bwd ratios; nothing drawn with --small-batch-only",
+                  file=sys.stderr)
     if args.markdown:
         for device in devices:
-            report.update_markdown(args.markdown, device, report.markdown_report(
-                device, env, checks, rows, legend, args.plot, args.markdown))
+            if main_section:
+                report.update_markdown(args.markdown, device, report.markdown_report(
+                    device, env, checks, rows, legend, args.plot, args.markdown))
+            if small_section:
+                report.update_markdown(args.markdown, f"{device}-small-batch", report_small_batch.markdown_section(
+                    device, env, small_rows, small_legend, config.describe()))
 
     failed_checks = sum(not c.ok for c in checks)
-    failed_runs = sum(bool(r["error"]) for r in rows)
+    timed = rows + [r for r in small_rows if not r.get("skipped")]
+    failed_runs = sum(bool(r["error"]) for r in timed)
     print(f"checks: {len(checks) - failed_checks} passed, {failed_checks} failed; "
-          f"timings: {len(rows) - failed_runs} ran, {failed_runs} raised")
+          f"timings: {len(timed) - failed_runs} ran, {failed_runs} raised")
     return 1 if failed_checks or failed_runs else 0
+
+
+def small_batch_config(args) -> SmallBatchConfig:
+    return SmallBatchConfig.quick() if args.quick else SmallBatchConfig()
+
+
+def _csv_beside(path: str, suffix: str) -> str:
+    """``out.csv`` -> ``out_small_batch.csv``: the small-batch rows have their own columns."""
+    stem, dot, ext = path.rpartition(".")
+    return f"{stem}{suffix}.{ext}" if dot and "/" not in ext else path + suffix

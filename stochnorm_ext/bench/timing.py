@@ -88,6 +88,31 @@ def median_ms(step: Callable[[], object], settings: TimerSettings) -> float:
     return timer.blocked_autorange(min_run_time=settings.min_run_time_s).median * 1e3
 
 
+def host_median_ms(step: Callable[[], object], settings: TimerSettings) -> float:
+    """Median time of ``step()`` in milliseconds where the host path is what is timed (tiny
+    inputs, whole small-batch steps): on CPU as ``median_ms``; on CUDA the wall clock of
+    ``blocked_autorange`` with the device synchronised at each block's ends, so a step
+    counts its Python, dispatch and launches plus any wait for the GPU (``do_bench`` and
+    CUDA events time the GPU's stream, where a host-bound step shows only as gaps)."""
+    if settings.device != "cuda":
+        return median_ms(step, settings)
+    from torch.utils.benchmark import Timer
+
+    def clock() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    timer = Timer(stmt="step()", globals={"step": step}, timer=clock)
+    return timer.blocked_autorange(min_run_time=settings.min_run_time_s).median * 1e3
+
+
+HOST_TIMER_CUDA = "torch.utils.benchmark.Timer.blocked_autorange (wall clock, synchronised)"
+
+
+def host_timer_method(settings: TimerSettings) -> str:
+    """The clock ``host_median_ms`` uses with these settings."""
+    return settings.method if settings.device != "cuda" else HOST_TIMER_CUDA
+
+
 def _cuda_events_median_ms(step, settings: TimerSettings) -> float:
     step()
     torch.cuda.synchronize()
