@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+import os
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
+from ..backend import ENV_VAR
 
 
 def _may_be_recomputed() -> bool:
@@ -18,6 +23,12 @@ def _may_be_recomputed() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+# Backends whose eval of StochNorm and CBN is F.batch_norm itself and of BGN one apply (the
+# reference computes the same maps with its own rounding); None: the default choice.
+_COMPILED_BACKENDS = (None, "cpu", "cuda", "triton")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _in_backward_recompute() -> bool:
@@ -91,6 +102,35 @@ class _NormBase(nn.Module):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 + ("bias=False, " if no_bias else "")
                 + f"track_running_stats={self.track_running_stats}" + (", sync=True" if self.sync else ""))
+
+    def _plain_call(self, input) -> bool:
+        """Whether a call is plainly valid: a tensor of an allowed rank with the layer's
+        channels, on the buffers' device, with dtypes the kernels take as they are, the layer's
+        hyper-parameters in range, running on a compiled backend chosen by argument or by
+        default, outside torch.func transforms and export. Such calls go straight to the
+        backend, so that a call costs about what ``nn.BatchNorm*d``'s does; every other call
+        takes the functional form, which checks everything and raises the layer's own errors."""
+        rm = self.running_mean
+        if (self.backend not in _COMPILED_BACKENDS or rm is None or type(input) is not torch.Tensor
+                or input.dim() not in self._allowed_dims or input.shape[1] != self.num_features
+                or input.device != rm.device or self.sync
+                or torch._C._functorch.maybe_current_level() is not None or torch.compiler.is_exporting()):
+            return False
+        eps, momentum = self.eps, self.momentum
+        if not (type(eps) is float and eps > 0 and eps < math.inf) or not (
+                momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
+            return False
+        dtype, w = input.dtype, self.weight
+        return ((dtype is rm.dtype or (dtype in _HALF_DTYPES and rm.dtype is torch.float32))
+                and rm.dtype in _checks.FLOAT_DTYPES and (w is None or w.dtype is rm.dtype))
+
+    def _eval_as_batch_norm(self, input) -> Optional[torch.Tensor]:
+        """Eval of a layer whose eval is BatchNorm with the running statistics (StochNorm, CBN):
+        ``F.batch_norm`` itself, what the compiled backends run (None: the general path)."""
+        if not self._plain_call(input) or (self.backend is None and os.environ.get(ENV_VAR)):
+            return None  # (the variable may name the reference, or a backend that does not exist)
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
+                            0.0, self.eps)
 
     def _check_input(self, x) -> None:
         name = type(self).__name__

@@ -2,11 +2,13 @@
 :func:`stochnorm_ext.functional.batch_group_norm`."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from torch import Tensor
 
 from .. import _checks
+from ..backend import resolve
 from ..functional import _batch_group_norm
 from ._base import _in_backward_recompute, _NormBase
 
@@ -50,10 +52,22 @@ class _BatchGroupNorm(_NormBase):
                          sync, process_group, device, dtype, bias)
         self.num_groups = num_groups
 
+    def _pieces_fit(self, input: Tensor) -> bool:
+        """With G = m C, each channel's positions split into m equal pieces."""
+        pieces = self.num_groups // self.num_features
+        return pieces <= 1 or math.prod(input.shape[2:]) % pieces == 0
+
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_groups={self.num_groups}, " + super().extra_repr().split(", ", 1)[1]
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._plain_call(input) and self._pieces_fit(input) and input.numel() >= 2 * self.num_groups \
+                and not (self.training and _in_backward_recompute()):
+            # Nothing left to check (eval: one apply; training: statistics op, apply).
+            return resolve(self.backend, input.device).batch_group_norm(
+                input, self.num_groups, self.weight, self.bias, self.running_mean, self.running_var,
+                self.training, self.momentum, self.eps, True,
+                self.num_batches_tracked if self.training else None)
         # A recomputation under activation checkpointing changes no state (one step, once).
         update = not (self.training and _in_backward_recompute())
         return _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,

@@ -6,7 +6,8 @@ from typing import Optional
 from torch import Tensor
 
 from .. import _checks
-from ..functional import _stoch_norm
+from ..backend import resolve
+from ..functional import _draw_mask, _stoch_norm
 from ._base import _in_backward_recompute, _may_be_recomputed, _NormBase
 
 __all__ = ["StochNorm1d", "StochNorm2d", "StochNorm3d"]
@@ -59,8 +60,22 @@ class _StochNorm(_NormBase):
         return super().extra_repr() + f", p={self.p}"
 
     def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            y = self._eval_as_batch_norm(input)
+            if y is not None:
+                return y
         name = type(self).__name__
-        if self.training and _in_backward_recompute():
+        recompute = self.training and _in_backward_recompute()
+        if (self.training and not recompute and self._plain_call(input) and 0.0 <= self.p <= 1.0
+                and input.numel() >= 2 * self.num_features):
+            # Nothing left to check: draw the mask and run the step on the backend.
+            mask = _draw_mask(self.num_features, self.p, input.device, None)
+            if _may_be_recomputed():
+                self._stash_step(mask)
+            return resolve(self.backend, input.device).stoch_norm(
+                input, self.weight, self.bias, self.running_mean, self.running_var, mask, True,
+                self.momentum, self.eps, True, self.num_batches_tracked)
+        if recompute:
             mask, moving_mean, moving_var = self._stash_take()
             return _stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
                                self.eps, self.p, mask, None, self.backend, False, self.sync,
