@@ -16,7 +16,7 @@
 // Every use goes through Launch<Device> below, which counts it (common::count_launch): the
 // launches per op are a tested fact (tests/test_ops.py).
 //
-// Python glue (fake tensors): stochnorm_ext/_ops.py; autograd: csrc/autograd.cpp.
+// Python glue (fake tensors): stochnorm_ext/backend/compiled/ops.py; autograd: csrc/autograd.cpp.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,6 +1,6 @@
 // The stochnorm_ext operator library: op schemas live here (TORCH_LIBRARY), kernels register
 // per dispatch key from csrc/cpu/ (and csrc/cuda/) with TORCH_LIBRARY_IMPL, autograd from
-// csrc/autograd.cpp; fake (meta) implementations from Python: stochnorm_ext/_ops.py.
+// csrc/autograd.cpp; fake (meta) implementations from Python: stochnorm_ext/backend/compiled/ops.py.
 //
 // Tables ("(C, P)") are in the accumulation type: float32, or float64 for float64 input.
 // A segment is the set of values one statistic covers inside one channel: the whole channel,

@@ -229,7 +229,7 @@ def _normalize(x, weight, bias, center, var, red, eps, k, process_group, passes)
 
 
 # ------------------------------------------------------------------------------- the three layers
-# The backends' layer functions (backend interface v2, see _backend.py) plus, as keywords, the
+# The backends' layer functions (the Backend protocol of stochnorm_ext.backend) plus, as keywords, the
 # backend module whose passes to use and the group. Training synchronises; eval never does
 # (it is the backend's own function, no collective).
 

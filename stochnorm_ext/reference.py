@@ -5,7 +5,7 @@ functions (in float64 where possible). Gradients come from autograd through the 
 forward formulas, so they are an independent check of the hand-derived backward
 formulas in the kernels.
 
-All three functions share one interface with the other backends (see ``_backend.py``):
+All three functions share one interface with the other backends (see ``stochnorm_ext.backend.Backend``):
 they take validated inputs (``stochnorm_ext.functional`` validates), update running
 statistics in place when ``training and update_stats``, and return outputs in the
 input's dtype and memory format. Statistics are computed in float32 (float64 for float64

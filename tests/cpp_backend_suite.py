@@ -424,7 +424,7 @@ def test_offset_statistics_accuracy(device, fmt, pieces):
     """segment_stats on 1e4 + randn in float32, against float64 on the same (rounded) values:
     the kernels shift each statistic by one of its own values, so the mean is right to about
     one float32 rounding at 1e4 and m2 to a few float32 roundings of itself."""
-    from stochnorm_ext._ops import ops
+    from stochnorm_ext.backend.compiled.ops import ops
     x = make_input(1e4 + torch.randn(8, 8, 12, 12, dtype=torch.float64), torch.float32, fmt, device).detach()
     mean, m2 = ops.segment_stats(x, pieces)
     segs = x.double().cpu().permute(1, 0, 2, 3).reshape(8, 8, pieces, -1).transpose(1, 2).reshape(8, pieces, -1)
@@ -439,7 +439,7 @@ def test_offset_statistics_accuracy(device, fmt, pieces):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_core_ops_match_torch(device, fmt, pieces, dtype):
     """The four core ops directly, against ATen on the same device (float64 sums)."""
-    from stochnorm_ext._ops import ops
+    from stochnorm_ext.backend.compiled.ops import ops
     N, C, H, W = 5, 8, 4, 6
     x = make_input(torch.randn(N, C, H, W, dtype=torch.float64) * 2 + 3, dtype, fmt, device).detach()
     dy = make_input(torch.randn(N, C, H, W, dtype=torch.float64), dtype, fmt, device).detach()
@@ -471,7 +471,7 @@ def test_core_ops_match_torch(device, fmt, pieces, dtype):
 
 
 def test_core_ops_empty_batch(device):
-    from stochnorm_ext._ops import ops
+    from stochnorm_ext.backend.compiled.ops import ops
     x = torch.empty(0, 4, 3, 3, device=device)
     mean, m2 = ops.segment_stats(x, 1)
     assert mean.shape == (4, 1) and not mean.isnan().any() and not m2.isnan().any()

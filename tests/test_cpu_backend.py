@@ -32,7 +32,8 @@ def device():
 
 def test_module_default_backend_is_cpu():
     assert sx.backends()["cpu"] is None
-    from stochnorm_ext import backend as registry, _backend_cpu
+    from stochnorm_ext import backend as registry
+    from stochnorm_ext.backend import compiled as _backend_cpu
     assert resolve(None, torch.device("cpu")) is _backend_cpu or os.environ.get(registry.ENV_VAR)
 
 

@@ -75,7 +75,7 @@ def test_opcheck_on_device():
 
 @gpu
 def test_every_op_has_a_cuda_kernel():
-    from stochnorm_ext import _backend_cuda
+    from stochnorm_ext.backend.compiled import cuda as _backend_cuda
     assert _backend_cuda.UNAVAILABLE is None
     for name in _backend_cuda.CUDA_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"stochnorm_ext::{name}", "CUDA"), name
@@ -84,10 +84,10 @@ def test_every_op_has_a_cuda_kernel():
 def test_backend_availability_matches_the_build():
     """The cuda backend is compiled in exactly when the extension has CUDA kernels, and usable
     when besides a GPU is visible; ``backends()`` tells the two apart (CI: compiled in, no GPU)."""
-    from stochnorm_ext import _backend_cuda
+    from stochnorm_ext.backend.compiled import cuda as _backend_cuda
     reason = sx.backends()["cuda"]
     try:
-        from stochnorm_ext import _ops  # noqa: F401
+        from stochnorm_ext.backend.compiled import ops  # noqa: F401
     except ImportError:
         assert _backend_cuda.UNAVAILABLE and reason == _backend_cuda.UNAVAILABLE
         return
@@ -103,7 +103,8 @@ def test_backend_availability_matches_the_build():
 
 @gpu
 def test_default_backend_for_cuda_tensors():
-    from stochnorm_ext import backend as registry, _backend_cuda
+    from stochnorm_ext import backend as registry
+    from stochnorm_ext.backend.compiled import cuda as _backend_cuda
     if os.environ.get(registry.ENV_VAR):
         pytest.skip(f"{registry.ENV_VAR} overrides the default")
     assert resolve(None, torch.device("cuda")) is _backend_cuda
@@ -111,7 +112,7 @@ def test_default_backend_for_cuda_tensors():
 
 @gpu
 def test_tensors_on_other_devices_are_refused():
-    from stochnorm_ext._ops import ops
+    from stochnorm_ext.backend.compiled.ops import ops
     x = torch.randn(4, 3, 5, 5, device="cuda")
     table = torch.zeros(3)
     with pytest.raises(RuntimeError, match="is on cpu"):
@@ -188,7 +189,7 @@ BIG_GIB = 32
 def test_more_than_2_31_elements(fmt):
     """64-bit indexing: a float16 tensor of 2^31 + 2^15 elements through the four core ops, checked
     per channel against ATen (statistics) and at the end of the tensor (outputs)."""
-    from stochnorm_ext._ops import ops
+    from stochnorm_ext.backend.compiled.ops import ops
     torch.manual_seed(0)
     C = 8
     if fmt == "contiguous":
@@ -251,7 +252,7 @@ def test_launches_per_op_on_device(G):
     """The launches of tests/test_op_contract.py::test_launches_per_op on the GPU, where each
     reduction pass may add one merge kernel when it splits its rows over several blocks (not
     at these small sizes: the counts are exact), and the step count is one ATen add_."""
-    from stochnorm_ext._ops import defaults as ops
+    from stochnorm_ext.backend.compiled.ops import defaults as ops
     from test_op_contract import launches
     C = 6
     x, dy = torch.randn(4, C, 4, 4, device="cuda"), torch.randn(4, C, 4, 4, device="cuda")

@@ -22,13 +22,15 @@ def test_sync_runs_the_passes_of_the_backend_it_is_given():
     """distributed takes the backend module's ``PASSES``: the cpu (and cuda) backends'
     segment_* kernels, the reference's plain-PyTorch passes for reference and triton; a
     backend is never told apart by its module's name."""
-    from stochnorm_ext import _backend_cpu, _backend_cuda, distributed, reference
+    from stochnorm_ext import distributed, reference
+    from stochnorm_ext.backend import compiled as _backend_cpu
+    from stochnorm_ext.backend.compiled import cuda as _backend_cuda
     from stochnorm_ext.backend import resolve
     for backend in BACKENDS:
         expected = _backend_cpu.PASSES if backend == "cpu" else reference.PASSES
         assert distributed._passes(resolve(backend, torch.device("cpu"))) is expected, backend
     assert _backend_cuda.PASSES is _backend_cpu.PASSES  # the segment_* ops dispatch on the device
-    impl = types.SimpleNamespace(__name__="stochnorm_ext._backend_cpu", PASSES=object())
+    impl = types.SimpleNamespace(__name__="stochnorm_ext.backend.compiled", PASSES=object())
     assert distributed._passes(impl) is impl.PASSES
 
 
@@ -39,7 +41,8 @@ def test_sync_runs_the_passes_of_the_backend_it_is_given():
 def test_the_cpu_passes_agree_with_the_reference_passes(dtype, tol, shape, fmt, pieces):
     """The kernels' four passes (empty inputs included, which they hand to the reference's)
     against reference.PASSES, outputs in the input's dtype and memory format."""
-    from stochnorm_ext import _backend_cpu, reference
+    from stochnorm_ext import reference
+    from stochnorm_ext.backend import compiled as _backend_cpu
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g, dtype=dtype) * 2 + 3
     if fmt is not None:

@@ -17,7 +17,7 @@ from conftest import available
 pytestmark = pytest.mark.skipif(not available("cpu", "cpu"), reason="the C++ CPU backend is not available")
 
 if available("cpu", "cpu"):
-    from stochnorm_ext._ops import defaults as ops
+    from stochnorm_ext.backend.compiled.ops import defaults as ops
 else:  # pragma: no cover
     ops = None
 
@@ -222,7 +222,7 @@ def test_launches_per_op(G):
 
 def test_launches_of_a_training_step():
     """StochNorm through the backend: stats op + norm_apply forward, norm_backward backward."""
-    from stochnorm_ext import _backend_cpu
+    from stochnorm_ext.backend import compiled as _backend_cpu
     C = 8
     x = torch.randn(2, C, 2, 2, requires_grad=True)
     w, b = torch.randn(C, requires_grad=True), torch.randn(C, requires_grad=True)

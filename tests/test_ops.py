@@ -16,7 +16,7 @@ from conftest import available
 pytestmark = pytest.mark.skipif(not available("cpu", "cpu"), reason="the C++ CPU backend is not available")
 
 if available("cpu", "cpu"):
-    from stochnorm_ext._ops import ops
+    from stochnorm_ext.backend.compiled.ops import ops
 else:  # pragma: no cover
     ops = None
 

@@ -75,7 +75,7 @@ def test_backend_runs_its_own_packages_kernels():
     here = os.path.dirname(os.path.abspath(T_module().__file__))
     for module in (kernels, grad_kernels, op_module):
         assert os.path.dirname(os.path.abspath(module.__file__)) == here
-    assert here == os.path.join(ROOT, "stochnorm_ext", "backends", "triton")
+    assert here == os.path.join(ROOT, "stochnorm_ext", "backend", "triton")
 
 
 def test_triton_op_finds_every_kernel_of_its_op(monkeypatch):

@@ -1,5 +1,5 @@
 // The CUDA kernels of every stochnorm_ext device op: the ops of csrc/layers.h (schemas:
-// csrc/ops.cpp; fake tensors: stochnorm_ext/_ops.py; autograd: csrc/autograd.cpp, shared by
+// csrc/ops.cpp; fake tensors: stochnorm_ext/backend/compiled/ops.py; autograd: csrc/autograd.cpp, shared by
 // all devices) over the CUDA core (segment_core.h), with the coefficient steps of
 // csrc/coefficients.h run one thread per index (per_index_kernel) or one block per unit with a
 // block reduction (per_unit_kernel).

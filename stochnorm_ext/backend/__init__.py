@@ -58,8 +58,8 @@ ENV_VAR = "STOCHNORM_EXT_BACKEND"
 # Preference order for backend=None, per device type; the first available one wins.
 _DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 # Where each backend's implementation lives (module path relative to the stochnorm_ext package).
-_MODULES = {"reference": ".reference", "cpu": "._backend_cpu", "triton": ".backend.triton",
-            "cuda": "._backend_cuda"}
+_MODULES = {"reference": ".reference", "cpu": ".backend.compiled", "triton": ".backend.triton",
+            "cuda": ".backend.compiled.cuda"}
 _PACKAGE = __package__.rpartition(".")[0]  # stochnorm_ext
 # Device types each backend runs on ("triton" runs on CPU tensors only under the interpreter).
 _DEVICES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}

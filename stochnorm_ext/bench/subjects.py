@@ -161,6 +161,6 @@ def _ours_bgn(x, num_groups, rm, rv, w, b, backend):
 
 
 def _ours_cbn_step(x, impl, rm, rv, w, b, past):
-    # The backend op itself (see _backend.py): the normalisation with the past entries given.
+    # The backend op itself (see stochnorm_ext.backend): the normalisation with the past entries given.
     y, _, _ = impl.cross_iteration_norm(x, w, b, rm, rv, *past, True, MOMENTUM, EPS, True)
     return y

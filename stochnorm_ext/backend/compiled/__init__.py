@@ -1,12 +1,13 @@
-"""The ``"cpu"`` backend: the C++ kernels of ``stochnorm_ext._C`` through the custom ops of
-``_ops.py`` (backend interface v2, the same for every backend: see ``_backend.py``). Inputs
+"""The ``"cpu"`` backend (and, through ``cuda.py``, the ``"cuda"`` one): the C++ kernels of
+``stochnorm_ext._C`` through the custom ops whose Python side is ``ops.py`` (the backend
+interface of ``stochnorm_ext.backend.Backend``). Inputs
 are validated by ``functional``; outputs keep the input's dtype and memory format.
 
 Training is two ops: the layer's statistics op (batch statistics, the running-statistics EMA
 and the step count, in place, in one coefficient step) and ``norm_apply`` (autograd in C++;
 its backward is the one layer-agnostic ``norm_backward``). Eval of StochNorm and CBN with
 running statistics is ``F.batch_norm``; of BGN one ``norm_apply`` with constant statistics.
-The same functions serve CUDA tensors (``_backend_cuda``): the ops dispatch on the device.
+The same functions serve CUDA tensors (``cuda.py``): the ops dispatch on the device.
 
 ``PASSES`` is the four segment passes on the kernels, which the distributed sync path
 composes with collectives. If the extension is not built, ``UNAVAILABLE`` says why and the
@@ -20,7 +21,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 try:
-    from ._ops import defaults as ops
+    from .ops import defaults as ops
 except ImportError as exc:  # not built (or built against another torch): the message says which
     UNAVAILABLE = str(exc)
     ops = None
@@ -78,7 +79,7 @@ def cross_iteration_norm(
 
 def _plain_passes():
     """The plain-PyTorch passes, for empty inputs (the kernels need at least one value)."""
-    from . import reference
+    from ... import reference
     return reference.PASSES
 
 

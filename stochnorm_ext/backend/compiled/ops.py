@@ -26,10 +26,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._extension import load as _load_extension
+from ..._extension import load as _load_extension
 # The memory format the kernels give an output: channels_last(_3d) for such inputs, else
 # contiguous (``output_format`` in csrc/common.h follows the same rule).
-from ._checks import memory_format_of
+from ..._rules import memory_format_of
 
 _load_extension()  # the shared library registers the schemas and the CPU (and CUDA) kernels
 ops = torch.ops.stochnorm_ext

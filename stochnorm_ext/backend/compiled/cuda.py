@@ -2,9 +2,9 @@
 
 The CUDA kernels are registered under the CUDA dispatch key of the same custom ops as the
 CPU ones (``torch.ops.stochnorm_ext.*``, schemas in ``csrc/ops.cpp``), and the fake
-implementations of ``_ops.py`` and the C++ autograd (``csrc/autograd.cpp``) are shared by
+implementations of ``ops.py`` and the C++ autograd (``csrc/autograd.cpp``) are shared by
 every device. So the three layer functions and ``PASSES`` are the device-agnostic ones of
-``_backend_cpu`` (same interface and semantics as ``reference.py``, see ``_backend.py``);
+``backend/compiled/__init__.py`` (same interface and semantics as ``reference.py``, see ``_backend.py``);
 this module re-exports them and says whether CUDA kernels were compiled into the extension.
 
 ``UNAVAILABLE`` is set when the extension is missing or was built without CUDA (no GPU
@@ -37,7 +37,7 @@ def _missing_cuda_kernels():
 
 
 try:
-    from . import _ops  # noqa: F401  (loads _C: schemas, CPU and, if built, CUDA kernels)
+    from . import ops  # noqa: F401  (loads _C: schemas, CPU and, if built, CUDA kernels)
 except ImportError as exc:  # not built (or built against another torch): the message says which
     UNAVAILABLE = str(exc)
 else:
@@ -51,4 +51,4 @@ else:
 
 # The layer functions only call torch.ops.stochnorm_ext.*, which dispatch on the tensors'
 # device: the CPU backend's wrappers serve CUDA tensors unchanged.
-from ._backend_cpu import PASSES, batch_group_norm, cross_iteration_norm, stoch_norm  # noqa: E402,F401
+from . import PASSES, batch_group_norm, cross_iteration_norm, stoch_norm  # noqa: E402,F401
