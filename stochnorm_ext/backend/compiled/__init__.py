@@ -1,13 +1,8 @@
 """The ``"cpu"`` backend (and, through ``cuda.py``, the ``"cuda"`` one): the C++ kernels of
 ``stochnorm_ext._C`` through the custom ops whose Python side is ``ops.py`` (the backend
-interface of ``stochnorm_ext.backend.Backend``). Inputs
-are validated by ``functional``; outputs keep the input's dtype and memory format.
-
-Training is two ops: the layer's statistics op (batch statistics, the running-statistics EMA
-and the step count, in place, in one coefficient step) and ``norm_apply`` (autograd in C++;
-its backward is the one layer-agnostic ``norm_backward``). Eval of StochNorm and CBN with
-running statistics is ``F.batch_norm``; of BGN one ``norm_apply`` with constant statistics.
-The same functions serve CUDA tensors (``cuda.py``): the ops dispatch on the device.
+interface of ``stochnorm_ext.backend.Backend``, composed over the ops by ``..layers``; the
+autograd of ``norm_apply`` is C++, csrc/autograd.cpp). The same functions serve CUDA tensors
+(``cuda.py``): the ops dispatch on the device.
 
 ``PASSES`` is the four segment passes on the kernels, which the distributed sync path
 composes with collectives. If the extension is not built, ``UNAVAILABLE`` says why and the
@@ -15,10 +10,7 @@ package falls back to the reference backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-import torch.nn.functional as TF
-from torch import Tensor
+from ..layers import KernelLayers, ProviderOps
 
 try:
     from .ops import defaults as ops
@@ -29,52 +21,13 @@ except ImportError as exc:  # not built (or built against another torch): the me
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "PASSES"]
 
 
-def stoch_norm(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Tensor,
-    running_var: Tensor, mask: Optional[Tensor], training: bool, momentum: Optional[float], eps: float,
-    update_stats: bool = True, num_batches_tracked: Optional[Tensor] = None,
-) -> Tensor:
-    """StochNorm: see ``reference.stoch_norm``. Batch-branch channels (``mask``) use this
-    batch's statistics, the others the running statistics before this step's update."""
-    if not training:
-        return TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-    center, var, red = ops.stoch_norm_stats(x, running_mean, running_var, mask, momentum,
-                                            num_batches_tracked, update_stats)
-    return ops.norm_apply(x, weight, bias, center, var, red, x.shape[1], eps)
-
-
-def batch_group_norm(
-    x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-    momentum: Optional[float], eps: float, update_stats: bool = True,
-    num_batches_tracked: Optional[Tensor] = None,
-) -> Tensor:
-    """Batch Group Normalization: see ``reference.batch_group_norm``. Batch statistics in
-    training and whenever there are no running statistics."""
-    if training or running_mean is None:
-        center, var, red = ops.batch_group_norm_stats(x, num_groups, running_mean, running_var, momentum,
-                                                      num_batches_tracked, training and update_stats)
-    else:
-        center, var, red = running_mean, running_var, None
-    return ops.norm_apply(x, weight, bias, center, var, red, num_groups, eps)
-
-
-def cross_iteration_norm(
-    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor],
-    past_mean: Tensor, past_var: Tensor, past_keep: Tensor,
-    training: bool, momentum: Optional[float], eps: float, update_stats: bool = True,
-    num_batches_tracked: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """The normalisation step of CBN: see ``reference.cross_iteration_norm``. Returns
-    ``(y, mu_t, var_t)``, the current batch's statistics being what the window stores."""
-    if not training and running_mean is not None:
-        y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
-        return y, running_mean.detach(), running_var.detach()
-    mu_t, var_t, center, var, red = ops.cross_iteration_norm_stats(
-        x, running_mean, running_var, past_mean, past_var, past_keep, momentum, num_batches_tracked,
-        training and update_stats)
-    return ops.norm_apply(x, weight, bias, center, var, red, x.shape[1], eps), mu_t, var_t
+# The layer functions: the one composition of every provider over these ops.
+if ops is not None:
+    _layers = KernelLayers(ProviderOps(ops.stoch_norm_stats, ops.batch_group_norm_stats,
+                                       ops.cross_iteration_norm_stats, ops.norm_apply))
+    stoch_norm = _layers.stoch_norm
+    batch_group_norm = _layers.batch_group_norm
+    cross_iteration_norm = _layers.cross_iteration_norm
 
 
 def _plain_passes():
