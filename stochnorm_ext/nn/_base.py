@@ -38,6 +38,20 @@ def _in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# What the 1d / 2d / 3d variant of a layer takes (the variants differ only in this).
+_INPUTS = {
+    1: ((2, 3), "Input ``(N, C)`` or ``(N, C, L)``."),
+    2: ((4,), "Input ``(N, C, H, W)``, contiguous or channels_last."),
+    3: ((5,), "Input ``(N, C, D, H, W)``, contiguous or channels_last_3d."),
+}
+
+
+def rank_variant(layer: type, spatial_dims: int):
+    """``(__doc__, _allowed_dims)`` of the ``spatial_dims``-d variant of ``layer``."""
+    dims, text = _INPUTS[spatial_dims]
+    return layer.__doc__ + f"\n    {text}\n", dims
+
+
 class _NormBase(nn.Module):
     """Parameters, buffers and state-dict behaviour shared with ``nn.BatchNorm*d``."""
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _checks
 from ..backend import resolve
 from ..functional import _batch_group_norm
-from ._base import _in_backward_recompute, _NormBase
+from ._base import rank_variant, _in_backward_recompute, _NormBase
 
 __all__ = ["BatchGroupNorm1d", "BatchGroupNorm2d", "BatchGroupNorm3d"]
 
@@ -78,15 +78,12 @@ class _BatchGroupNorm(_NormBase):
 
 
 class BatchGroupNorm1d(_BatchGroupNorm):
-    __doc__ = _BatchGroupNorm.__doc__ + "\n    Input ``(N, C)`` or ``(N, C, L)``.\n"
-    _allowed_dims = (2, 3)
+    __doc__, _allowed_dims = rank_variant(_BatchGroupNorm, 1)
 
 
 class BatchGroupNorm2d(_BatchGroupNorm):
-    __doc__ = _BatchGroupNorm.__doc__ + "\n    Input ``(N, C, H, W)``, contiguous or channels_last.\n"
-    _allowed_dims = (4,)
+    __doc__, _allowed_dims = rank_variant(_BatchGroupNorm, 2)
 
 
 class BatchGroupNorm3d(_BatchGroupNorm):
-    __doc__ = _BatchGroupNorm.__doc__ + "\n    Input ``(N, C, D, H, W)``, contiguous or channels_last_3d.\n"
-    _allowed_dims = (5,)
+    __doc__, _allowed_dims = rank_variant(_BatchGroupNorm, 3)

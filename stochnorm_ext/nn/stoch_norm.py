@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _checks
 from ..backend import resolve
 from ..functional import _draw_mask, _stoch_norm
-from ._base import _in_backward_recompute, _may_be_recomputed, _NormBase
+from ._base import rank_variant, _in_backward_recompute, _may_be_recomputed, _NormBase
 
 __all__ = ["StochNorm1d", "StochNorm2d", "StochNorm3d"]
 
@@ -96,15 +96,12 @@ class _StochNorm(_NormBase):
 
 
 class StochNorm1d(_StochNorm):
-    __doc__ = _StochNorm.__doc__ + "\n    Input ``(N, C)`` or ``(N, C, L)``.\n"
-    _allowed_dims = (2, 3)
+    __doc__, _allowed_dims = rank_variant(_StochNorm, 1)
 
 
 class StochNorm2d(_StochNorm):
-    __doc__ = _StochNorm.__doc__ + "\n    Input ``(N, C, H, W)``, contiguous or channels_last.\n"
-    _allowed_dims = (4,)
+    __doc__, _allowed_dims = rank_variant(_StochNorm, 2)
 
 
 class StochNorm3d(_StochNorm):
-    __doc__ = _StochNorm.__doc__ + "\n    Input ``(N, C, D, H, W)``, contiguous or channels_last_3d.\n"
-    _allowed_dims = (5,)
+    __doc__, _allowed_dims = rank_variant(_StochNorm, 3)
