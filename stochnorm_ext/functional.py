@@ -32,7 +32,8 @@ from torch import Tensor
 from . import _checks, distributed
 from ._rules import accumulate_dtype
 from .backend import resolve
-from .cbn_window import CBNWindow, ConvGeometry, compensated_past, conv_jacobians, push_entry
+from .cbn_window import (CBNWindow, ConvGeometry, StoreAtBackward, compensated_past, conv_jacobians,
+                         push_entry)
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_batch_norm", "draw_mask"]
 
@@ -310,11 +311,22 @@ def cross_iteration_batch_norm(
                             num_batches_tracked=num_batches_tracked)
 
 
+def _backward_will_store(x: Tensor) -> bool:
+    """Whether a module's CBN step stores its window entry when the backward reaches ``x``
+    (``cbn_window.StoreAtBackward``) rather than in the forward: eager, outside torch.func
+    transforms, with a backward that can come (grad mode on, ``x`` requires grad), and
+    without saved-tensor hooks (activation checkpointing, offloading), under which the
+    entry is stored in the forward as before (a recomputation stores nothing)."""
+    return (x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._functorch.maybe_current_level() is None
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+
+
 def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
                      running_var, training, momentum, eps, rho, burnin, backend, past=None,
                      update_state=True, sync=False, process_group=None, num_batches_tracked=None,
                      deferred=None, layer="cross_iteration_batch_norm", num_features=None,
-                     conv_source=None, on_past=None):
+                     conv_source=None, on_past=None, conv_bias=None):
     """The whole CBN step: every check once, then the backend and the window's store.
 
     The module passes its name and channel count (the input is checked here, once), and:
@@ -323,9 +335,12 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
     untouched); ``conv_source`` (called in training after the input checks, before the window's and the
     conv's: it returns the conv input captured by the bound conv's hook, or raises); ``on_past`` (called with the
     compensated entries, to stash them for a recomputation); ``deferred`` (a list, the
-    module's): a synchronised eager step appends its pending entry there
-    (``distributed.push_entry_deferred``) to overlap its Jacobian all-reduce with the rest of
-    the step."""
+    module's, which lands its entries before the window is read): a synchronised eager step
+    appends its pending entry there (``distributed.push_entry_deferred``) to overlap its
+    Jacobian all-reduce with the rest of the step; an unsynchronised one whose backward will
+    come, the entry that its backward stores (``cbn_window.StoreAtBackward``). Without it
+    (the public functional form) the entry is stored here. ``conv_bias``: the conv's bias
+    (or None), which that later store may need."""
     _checks.check_input(x, num_features, (4,), layer)
     C = x.shape[1]
     _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training,
@@ -366,6 +381,12 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
         if syncing and deferred is not None and not torch.compiler.is_compiling():
             deferred.append(distributed.push_entry_deferred(window, conv_input, conv_weight, x, mu_t, var_t,
                                                             geometry, burnin, process_group))
+            return y
+        if not syncing and deferred is not None and _backward_will_store(x):
+            entry = StoreAtBackward(window, conv_input, conv_weight, x, mu_t, var_t, geometry, burnin,
+                                    conv_bias)
+            x.register_hook(entry.hook)
+            deferred.append(entry)
             return y
         if syncing:  # the Jacobians averaged over the group: every rank stores the same entry
             dmu, dvar = distributed.conv_jacobians(conv_input, conv_weight, x, mu_t, geometry,

@@ -91,10 +91,19 @@ class CrossIterationBatchNorm2d(_NormBase):
         self._deferred = []
 
     def _land(self) -> None:
-        """Finish the in-flight Jacobian averages (a no-op without sync)."""
+        """Store the entries still pending: a step's whose backward has not run yet
+        (``cbn_window.StoreAtBackward``), a synchronised step's whose Jacobian average is in
+        flight (``distributed.PendingEntry``). A no-op once they landed."""
         deferred = self.__dict__.get("_deferred")  # absent in modules pickled before it existed
         while deferred:
             deferred.pop(0).land()
+
+    def __getattr__(self, name: str):
+        # The window buffers and the step counter, read as attributes, show every step so far:
+        # a pending entry lands first (nn.Module looks buffers up here, after the instance dict).
+        if (name == "step" or name.startswith("window_")) and self.__dict__.get("_deferred"):
+            self._land()
+        return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", window={self.window}, burnin={self.burnin}, rho={self.rho}"
@@ -193,7 +202,8 @@ class CrossIterationBatchNorm2d(_NormBase):
                                 num_batches_tracked=self.num_batches_tracked, deferred=self._deferred,
                                 layer=name, num_features=self.num_features,
                                 conv_source=conv_source if use_window and not recompute else None,
-                                on_past=self._stash_put)
+                                on_past=self._stash_put,
+                                conv_bias=self._conv.bias if self._conv is not None else None)
 
     def _apply(self, fn, recurse=True):
         # <dmu, W(tau)> and <dvar, W(tau)> stay float64 whatever .half()/.float()/.to(dtype)
