@@ -149,3 +149,54 @@ def check_groups_fit(num_groups: int, x: torch.Tensor, layer: str) -> int:
             f"{tuple(x.shape[2:])} ({S} positions)"
         )
     return pieces
+
+
+# ------------------------------------------------------------------- CBN
+def check_window(layer, x, window) -> None:
+    """Every tensor of the window is on the input's device, with the dtype its field needs
+    (checked before anything changes: a window elsewhere must not get half an update)."""
+    for field, t in zip(type(window)._fields, window):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{layer}: window.{field} must be a tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise RuntimeError(f"{layer}: the window (window.{field}) is on {t.device} but the input "
+                               f"is on {x.device}; create it on the input's device (CBNWindow.empty(..., "
+                               "device=...)) or move it")
+        if field == "valid":
+            ok, want = t.dtype == torch.bool, "torch.bool"
+        elif field in ("head", "step"):
+            ok, want = t.dtype == torch.long, "torch.int64"
+        else:
+            ok, want = t.dtype in FLOAT_DTYPES, "a floating dtype"
+        if not ok:
+            raise TypeError(f"{layer}: window.{field} must be {want}, got {t.dtype}")
+
+
+def check_conv(layer, x, conv_input, conv_weight, geometry, window) -> None:
+    """The conv arguments describe a convolution whose output has x's shape."""
+    for name, t in (("conv_input", conv_input), ("conv_weight", conv_weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{layer}: a window > 1 needs {name} (a tensor), got {type(t).__name__}")
+        if t.device != x.device:
+            raise RuntimeError(f"{layer}: {name} is on {t.device} but the input is on {x.device}")
+        if t.dim() != 4:
+            raise ValueError(f"{layer}: {name} must be 4D, got shape {tuple(t.shape)}")
+    C, cin_g, kh, kw = conv_weight.shape
+    G = geometry.groups
+    if C != x.shape[1] or C % G or tuple(window.dvar.shape[1:]) != (C, cin_g * kh * kw) \
+            or window.dmu.shape[1] != G:
+        raise ValueError(
+            f"{layer}: conv_weight of shape {tuple(conv_weight.shape)} with groups={G} does not fit "
+            f"the input's {x.shape[1]} channels and the window (made for {window.dvar.shape[1]} "
+            f"channels of {window.dvar.shape[2]} weights each, {window.dmu.shape[1]} groups)")
+    if conv_input.shape[1] != cin_g * G or conv_input.shape[0] != x.shape[0]:
+        raise ValueError(f"{layer}: conv_input of shape {tuple(conv_input.shape)} does not fit "
+                         f"conv_weight {tuple(conv_weight.shape)} with groups={G} and input batch {x.shape[0]}")
+    left, right, top, bottom = geometry.input_pad
+    H, W = conv_input.shape[2] + top + bottom, conv_input.shape[3] + left + right
+    out = tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, p, d, k, s in zip((H, W), geometry.padding, geometry.dilation, (kh, kw), geometry.stride))
+    if out != tuple(x.shape[2:]):
+        raise ValueError(f"{layer}: the conv maps conv_input {tuple(conv_input.shape)} to spatial size {out}, "
+                         f"but the input has spatial size {tuple(x.shape[2:])}")

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CBNWindow", "ConvGeometry", "compensated_past", "conv_jacobians", "push_entry"]
+__all__ = ["CBNWindow", "ConvGeometry", "StoreAtBackward", "compensated_past", "conv_jacobians",
+           "push_entry"]
 
 
 class ConvGeometry(NamedTuple):
@@ -240,7 +241,7 @@ def _pointwise_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Optional[Te
 
 
 def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar: Tensor,
-               conv_weight: Tensor, burnin: int) -> None:
+               conv_weight: Tensor, burnin: int, dots: Optional[Tuple[Tensor, Tensor]] = None) -> None:
     """Store the current step in the ring buffer once the burn-in is over, then count the
     step. Tensor-only (no host sync). With ``burnin == 0`` every step stores (one
     ``index_copy_`` per field); otherwise, during the burn-in, the slot is rewritten with
@@ -251,7 +252,8 @@ def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar
         dmu, dvar = dmu.reshape(1, G, -1), dvar.reshape(1, C, -1)
         if dvar.dtype != window.dvar.dtype:
             dmu, dvar = dmu.to(window.dvar.dtype), dvar.to(window.dvar.dtype)
-        dmu_w, dvar_w = _window_dots(dmu, dvar, conv_weight)  # the routine compensated_past uses
+        # <dmu, W>, <dvar, W>: the routine compensated_past uses, unless given (StoreAtBackward)
+        dmu_w, dvar_w = _window_dots(dmu, dvar, conv_weight) if dots is None else dots
         fields = ((window.mean, mu_t), (window.var, var_t), (window.dmu, dmu), (window.dvar, dvar),
                   (window.dmu_w, dmu_w), (window.dvar_w, dvar_w))
         if burnin == 0:
@@ -267,3 +269,60 @@ def push_entry(window: CBNWindow, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar
                 buf.index_copy_(0, slot, torch.where(store, new.to(buf.dtype).view_as(old), old))
             window.head.copy_(torch.where(store, (window.head + 1) % window.slots, window.head))
         window.step.add_(1)
+
+
+class StoreAtBackward:
+    """This step's window entry, stored when the backward reaches CBN's input (docs/DESIGN.md,
+    "CBN's step cost"): the Jacobians are one more conv weight-gradient, which the forward
+    then does not spend; only later steps read them.
+
+    :meth:`hook` is registered on the CBN input ``x`` (``x.register_hook``): when autograd
+    computes x's gradient it calls :meth:`land`, which computes the Jacobians from ``x`` and
+    the conv input (references, no copies: the graph keeps both for the conv's and the
+    normalisation's backward anyway) and stores the entry with :func:`push_entry` (which
+    also counts the step). The module calls :meth:`land` before anything reads the window
+    too (its next forward, its window buffers or ``step`` read as attributes, ``state_dict``,
+    ``.to()``, pickling, rebinding), so a forward whose backward never ran (or has not run
+    yet: two forwards, then one backward) is stored before the next step reads the window,
+    exactly as if stored in its forward. Only once: a second backward (``retain_graph``)
+    or a late one finds it landed.
+
+    ``<dmu, W(tau)>`` and ``<dvar, W(tau)>`` need the weight of the step. If the conv weight
+    changed in place since the forward (its version counter moved: e.g. a training forward
+    whose output got no backward, then an optimiser step), they are taken in closed form
+    instead: ``x_c = <W_c(tau), patch> + b_c`` gives ``<dmu, W_c(tau)> = mu_t - b_c`` and
+    ``<dvar, W_c(tau)> = 2 var_t`` (``mu_t`` is the batch mean here); equal to the dot
+    products up to rounding. If the conv bias changed too (or the conv input or x changed in
+    place: autograd would refuse the conv's backward then anyway), the entry is dropped;
+    the step still counts."""
+
+    def __init__(self, window: CBNWindow, conv_input: Tensor, conv_weight: Tensor, x: Tensor,
+                 mu_t: Tensor, var_t: Tensor, geometry: ConvGeometry, burnin: int,
+                 conv_bias: Optional[Tensor] = None):
+        self.window, self.geometry, self.burnin = window, geometry, burnin
+        self.tensors = (conv_input, conv_weight, x, mu_t, var_t, conv_bias)
+        self.versions = _versions(conv_input, x, conv_weight, *(() if conv_bias is None else (conv_bias,)))
+
+    def hook(self, grad: Tensor) -> None:
+        self.land()
+
+    def land(self) -> None:
+        if self.tensors is None:
+            return
+        (conv_input, conv_weight, x, mu_t, var_t, bias), self.tensors = self.tensors, None
+        with torch.no_grad():
+            now = _versions(conv_input, x, conv_weight, *(() if bias is None else (bias,)))
+            if now[:2] != self.versions[:2] or now[3:] != self.versions[3:]:
+                self.window.step.add_(1)
+                return
+            dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, self.geometry,
+                                       mu_is_batch_mean=True)
+            dots = None
+            if now[2] != self.versions[2]:  # W(tau) is gone: the closed form of the dot products
+                dots = (mu_t.double() - (0 if bias is None else bias.detach().double()), 2 * var_t.double())
+            push_entry(self.window, mu_t, var_t, dmu, dvar, conv_weight, self.burnin, dots)
+
+
+def _versions(*tensors: Tensor) -> Tuple[int, ...]:
+    """The tensors' version counters (each in-place change bumps them)."""
+    return tuple(t._version for t in tensors)

@@ -32,7 +32,8 @@ from torch import Tensor
 from . import _checks, distributed
 from ._rules import accumulate_dtype
 from .backend import resolve
-from .cbn_window import CBNWindow, ConvGeometry, compensated_past, conv_jacobians, push_entry
+from .cbn_window import (CBNWindow, ConvGeometry, StoreAtBackward, compensated_past, conv_jacobians,
+                         push_entry)
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_batch_norm", "draw_mask"]
 
@@ -273,10 +274,11 @@ def cross_iteration_batch_norm(
     input: Tensor, conv_input: Optional[Tensor] = None, conv_weight: Optional[Tensor] = None,
     window: Optional[CBNWindow] = None, weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
-    running_var: Optional[Tensor] = None, training: bool = False, momentum: float = 0.1,
+    running_var: Optional[Tensor] = None, training: bool = False, momentum: Optional[float] = 0.1,
     eps: float = 1e-5, rho: float = 1.0, burnin: int = 0, stride: _IntPair = 1,
     padding: _IntPair = 0, dilation: _IntPair = 1, groups: int = 1,
     backend: Optional[str] = None, sync: bool = False, process_group=None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> Tensor:
     """Cross-Iteration Batch Normalization (CBN, Yao et al. 2021) of ``input`` ``(N, C, H, W)``,
     the output of ``conv2d(conv_input, conv_weight, stride, padding, dilation, groups)``.
@@ -288,6 +290,7 @@ def cross_iteration_batch_norm(
     store nothing; afterwards each step stores its statistics and Jacobians. The running
     statistics follow the current batch only. Eval: BatchNorm with the running statistics.
     ``window=None`` (or a window of 1) is exactly BatchNorm and needs no conv arguments.
+    ``num_batches_tracked``: as in :func:`stoch_norm`.
 
     Differences from the published code: eps inside the square root (window 1 is exactly
     BN), a numerically stable variance, closed-form Jacobians, and the window kept in
@@ -304,104 +307,86 @@ def cross_iteration_batch_norm(
                             _pair(dilation, "dilation"), groups)
     return _cross_iteration(input, conv_input, conv_weight, geometry, window, weight, bias,
                             running_mean, running_var, training, momentum, eps, rho, burnin,
-                            backend, past=None, update_state=True, sync=sync,
-                            process_group=process_group)
+                            backend, sync=sync, process_group=process_group,
+                            num_batches_tracked=num_batches_tracked)
 
 
-def _check_window(layer, x, window: CBNWindow) -> None:
-    """Every tensor of the window is on the input's device, with the dtype its field needs
-    (checked before anything changes: a window elsewhere must not get half an update)."""
-    for field, t in zip(CBNWindow._fields, window):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{layer}: window.{field} must be a tensor, got {type(t).__name__}")
-        if t.device != x.device:
-            raise RuntimeError(f"{layer}: the window (window.{field}) is on {t.device} but the input "
-                               f"is on {x.device}; create it on the input's device (CBNWindow.empty(..., "
-                               "device=...)) or move it")
-        if field == "valid":
-            ok, want = t.dtype == torch.bool, "torch.bool"
-        elif field in ("head", "step"):
-            ok, want = t.dtype == torch.long, "torch.int64"
-        else:
-            ok, want = t.dtype in _checks.FLOAT_DTYPES, "a floating dtype"
-        if not ok:
-            raise TypeError(f"{layer}: window.{field} must be {want}, got {t.dtype}")
-
-
-def _check_conv(layer, x, conv_input, conv_weight, geometry: ConvGeometry, window: CBNWindow):
-    """The conv arguments describe a convolution whose output has x's shape."""
-    for name, t in (("conv_input", conv_input), ("conv_weight", conv_weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{layer}: a window > 1 needs {name} (a tensor), got {type(t).__name__}")
-        if t.device != x.device:
-            raise RuntimeError(f"{layer}: {name} is on {t.device} but the input is on {x.device}")
-        if t.dim() != 4:
-            raise ValueError(f"{layer}: {name} must be 4D, got shape {tuple(t.shape)}")
-    C, cin_g, kh, kw = conv_weight.shape
-    G = geometry.groups
-    if C != x.shape[1] or C % G or tuple(window.dvar.shape[1:]) != (C, cin_g * kh * kw) \
-            or window.dmu.shape[1] != G:
-        raise ValueError(
-            f"{layer}: conv_weight of shape {tuple(conv_weight.shape)} with groups={G} does not fit "
-            f"the input's {x.shape[1]} channels and the window (made for {window.dvar.shape[1]} "
-            f"channels of {window.dvar.shape[2]} weights each, {window.dmu.shape[1]} groups)")
-    if conv_input.shape[1] != cin_g * G or conv_input.shape[0] != x.shape[0]:
-        raise ValueError(f"{layer}: conv_input of shape {tuple(conv_input.shape)} does not fit "
-                         f"conv_weight {tuple(conv_weight.shape)} with groups={G} and input batch {x.shape[0]}")
-    left, right, top, bottom = geometry.input_pad
-    H, W = conv_input.shape[2] + top + bottom, conv_input.shape[3] + left + right
-    out = tuple(
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, p, d, k, s in zip((H, W), geometry.padding, geometry.dilation, (kh, kw), geometry.stride))
-    if out != tuple(x.shape[2:]):
-        raise ValueError(f"{layer}: the conv maps conv_input {tuple(conv_input.shape)} to spatial size {out}, "
-                         f"but the input has spatial size {tuple(x.shape[2:])}")
+def _backward_will_store(x: Tensor) -> bool:
+    """Whether a module's CBN step stores its window entry when the backward reaches ``x``
+    (``cbn_window.StoreAtBackward``) rather than in the forward: eager, outside torch.func
+    transforms, with a backward that can come (grad mode on, ``x`` requires grad), and
+    without saved-tensor hooks (activation checkpointing, offloading), under which the
+    entry is stored in the forward as before (a recomputation stores nothing)."""
+    return (x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and torch._C._functorch.maybe_current_level() is None
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
 
 
 def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
-                     running_var, training, momentum, eps, rho, burnin, backend, past, update_state,
-                     sync=False, process_group=None, deferred=None):
-    """The whole CBN step. ``past`` (precomputed compensated entries) is given when the
-    module recomputes a step under activation checkpointing; ``update_state=False`` then
-    leaves running statistics and the window alone. ``deferred`` (a list; the module's)
-    lets a synchronised eager step overlap its Jacobian all-reduce with the rest of the step:
-    the pending entry is appended to it (``distributed.push_entry_deferred``)."""
-    layer = "cross_iteration_batch_norm"
-    _checks.check_input(x, None, (4,), layer)
+                     running_var, training, momentum, eps, rho, burnin, backend, past=None,
+                     update_state=True, sync=False, process_group=None, num_batches_tracked=None,
+                     deferred=None, layer="cross_iteration_batch_norm", num_features=None,
+                     conv_source=None, on_past=None, conv_bias=None):
+    """The whole CBN step: every check once, then the backend and the window's store.
+
+    The module passes its name and channel count (the input is checked here, once), and:
+    ``past`` (the compensated entries it stashed) when it recomputes a step under activation
+    checkpointing, with ``update_state=False`` (running statistics, step counts and window
+    untouched); ``conv_source`` (called in training after the input checks, before the window's and the
+    conv's: it returns the conv input captured by the bound conv's hook, or raises); ``on_past`` (called with the
+    compensated entries, to stash them for a recomputation); ``deferred`` (a list, the
+    module's, which lands its entries before the window is read): a synchronised eager step
+    appends its pending entry there (``distributed.push_entry_deferred``) to overlap its
+    Jacobian all-reduce with the rest of the step; an unsynchronised one whose backward will
+    come, the entry that its backward stores (``cbn_window.StoreAtBackward``). Without it
+    (the public functional form) the entry is stored here. ``conv_bias``: the conv's bias
+    (or None), which that later store may need."""
+    _checks.check_input(x, num_features, (4,), layer)
     C = x.shape[1]
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training)
+    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training,
+                   num_batches_tracked)
     _checks.check_hyper("rho", rho)
     _checks.check_hyper("burnin", burnin, low=0, integer=True)
     if window is not None and not isinstance(window, CBNWindow):
         raise TypeError(f"{layer}: window must be a CBNWindow or None, got {type(window).__name__}")
-    if window is not None:
-        _check_window(layer, x, window)
+    if training and conv_source is not None:
+        conv_input = conv_source()
     use_window = training and window is not None and window.slots > 0
+    if window is not None:
+        _checks.check_window(layer, x, window)
     if use_window:
-        _check_conv(layer, x, conv_input, conv_weight, geometry, window)
+        _checks.check_conv(layer, x, conv_input, conv_weight, geometry, window)
     impl = _backend_for(backend, x, running_mean, running_var, training and update_state, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] == 0 and not syncing:
-        return _empty_output(x, weight, bias)
-    batch_stats = training or running_mean is None
-    if batch_stats and not syncing:
+        return _empty_step(x, weight, bias, training, update_state, num_batches_tracked)
+    if (training or running_mean is None) and not syncing:
         _checks.check_values_per_statistic(x.numel() // C, x, layer)
     if use_window and past is None:
         past = compensated_past(window, conv_weight, rho, burnin)
+        if on_past is not None:
+            on_past(past)
     if past is None:
         empty = x.new_zeros(0, C, dtype=accumulate_dtype(x))
         past = (empty, empty, empty.to(torch.bool))
+    counter = num_batches_tracked if training and update_state else None
     if syncing:
         y, mu_t, var_t = distributed.cross_iteration_norm(x, weight, bias, running_mean, running_var,
                                                           *past, training, momentum, eps, update_state,
-                                                          impl=impl, process_group=process_group)
+                                                          counter, impl=impl, process_group=process_group)
     else:
         y, mu_t, var_t = impl.cross_iteration_norm(x, weight, bias, running_mean, running_var, *past,
-                                                   training, momentum, eps, update_state)
+                                                   training, momentum, eps, update_state, counter)
     if use_window and update_state:
         if syncing and deferred is not None and not torch.compiler.is_compiling():
             deferred.append(distributed.push_entry_deferred(window, conv_input, conv_weight, x, mu_t, var_t,
                                                             geometry, burnin, process_group))
+            return y
+        if not syncing and deferred is not None and _backward_will_store(x):
+            entry = StoreAtBackward(window, conv_input, conv_weight, x, mu_t, var_t, geometry, burnin,
+                                    conv_bias)
+            x.register_hook(entry.hook)
+            deferred.append(entry)
             return y
         if syncing:  # the Jacobians averaged over the group: every rank stores the same entry
             dmu, dvar = distributed.conv_jacobians(conv_input, conv_weight, x, mu_t, geometry,

@@ -146,34 +146,6 @@ class _NormBase(nn.Module):
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
                             0.0, self.eps)
 
-    def _check_input(self, x) -> None:
-        name = type(self).__name__
-        _checks.check_input(x, self.num_features, self._allowed_dims, name)
-        for t in (self.weight, self.running_mean):
-            if t is not None and t.device != x.device:
-                raise RuntimeError(f"{name}: the input is on {x.device} but the layer's parameters "
-                                   f"and buffers are on {t.device}")
-        if self.sync and self.training:
-            from ..distributed import check_ready
-            check_ready(self.process_group, name)
-
-    def _momentum_factor(self, counted: bool) -> float:
-        """BatchNorm's update factor for this step; ``counted``: the step will be counted in
-        ``num_batches_tracked`` (by ``_count_step`` once the call has succeeded)."""
-        if self.momentum is not None:
-            return self.momentum
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        # Cumulative moving average over the steps counted so far, this one included.
-        return 1.0 / max(float(self.num_batches_tracked) + (1 if counted else 0), 1.0)
-
-    def _count_step(self) -> None:
-        """Count a training step; called after the step succeeded, so a call that raised
-        leaves num_batches_tracked as it was. Like ``nn.BatchNorm*d``, an empty batch
-        (``N == 0``) is counted although it leaves the running statistics alone."""
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-
     # Activation checkpointing: the recomputed forward reuses what the original one saw.
     def _stash_put(self, value) -> None:
         if not torch.compiler.is_compiling():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..cbn_window import CBNWindow, ConvGeometry, compensated_past
+from ..cbn_window import CBNWindow, ConvGeometry
 from ..functional import _cross_iteration
 from ._base import _in_backward_recompute, _NormBase
 
@@ -91,10 +91,19 @@ class CrossIterationBatchNorm2d(_NormBase):
         self._deferred = []
 
     def _land(self) -> None:
-        """Finish the in-flight Jacobian averages (a no-op without sync)."""
+        """Store the entries still pending: a step's whose backward has not run yet
+        (``cbn_window.StoreAtBackward``), a synchronised step's whose Jacobian average is in
+        flight (``distributed.PendingEntry``). A no-op once they landed."""
         deferred = self.__dict__.get("_deferred")  # absent in modules pickled before it existed
         while deferred:
             deferred.pop(0).land()
+
+    def __getattr__(self, name: str):
+        # The window buffers and the step counter, read as attributes, show every step so far:
+        # a pending entry lands first (nn.Module looks buffers up here, after the instance dict).
+        if (name == "step" or name.startswith("window_")) and self.__dict__.get("_deferred"):
+            self._land()
+        return super().__getattr__(name)
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", window={self.window}, burnin={self.burnin}, rho={self.rho}"
@@ -151,54 +160,54 @@ class CrossIterationBatchNorm2d(_NormBase):
         self._land()
         if self._conv is None:
             return None
-        return CBNWindow(*(getattr(self, "window_" + f) for f in _WINDOW_FIELDS), step=self.step)
+        buffers = self._buffers
+        return CBNWindow(*(buffers["window_" + f] for f in _WINDOW_FIELDS), step=buffers["step"])
 
     def forward(self, input: Tensor, conv_input: Optional[Tensor] = None) -> Tensor:
         """Normalise ``input``, the bound conv's output. ``conv_input`` overrides the input
         captured by the bound conv's hook (``Conv2dCBN`` passes it)."""
         self._land()
-        self._check_input(input)
+        if not self.training:
+            y = self._eval_as_batch_norm(input)  # eval with running statistics is BatchNorm
+            if y is not None:
+                return y
         name = type(self).__name__
         use_window = self.training and self.window > 1
+        # A recomputation (activation checkpointing) reuses the stashed window and stores
+        # nothing, so it needs no conv input: the conv may have run outside.
         recompute = self.training and _in_backward_recompute()
-        if use_window:
+        captured, self._captured = self._captured, None
+
+        def conv_source() -> Tensor:
+            """The conv's input; called by the functional form after the input checks."""
             if self._conv is None:
                 raise RuntimeError(f"{name} with window={self.window} needs its conv in training: "
                                    "call bind(conv) (or use convert_model / Conv2dCBN)")
-            captured, self._captured = self._captured, None
-            # A recomputation (activation checkpointing) reuses the stashed window and
-            # stores nothing, so it needs no conv input: the conv may have run outside.
-            if conv_input is None and not recompute:
-                if captured is None or captured[1] is not input:
-                    raise RuntimeError(
-                        f"{name}: the bound conv did not produce this input in this forward "
-                        f"(expected the conv's output itself, of shape {tuple(input.shape)}, not a "
-                        "tensor computed from it or another one); the layer must directly follow "
-                        "the conv it is bound to")
-                conv_input = captured[0]
-        # A synchronised step runs on every rank, an empty local batch included.
-        nonempty = input.shape[0] > 0 or self.sync
-        update = self.training and not recompute and nonempty
-        past = None
-        if use_window and nonempty:
-            if recompute:
-                past = self._stash_take()
-            else:
-                if not self.sync:  # with sync, the count over the whole group is checked
-                    _checks.check_values_per_statistic(input.numel() // input.shape[1], input, name)
-                past = compensated_past(self._window(), self._conv.weight, self.rho, self.burnin)
-                self._stash_put(past)
-        conv_weight = self._conv.weight if self._conv is not None else None
-        y = _cross_iteration(input, conv_input, conv_weight, self._geometry,
-                             self._window() if use_window and not recompute else None,
-                             self.weight, self.bias,
-                             self.running_mean, self.running_var, self.training,
-                             self._momentum_factor(update), self.eps, self.rho, self.burnin,
-                             self.backend, past, update_state=update, sync=self.sync,
-                             process_group=self.process_group, deferred=self._deferred)
-        if self.training and not recompute:  # an empty batch counts, as in nn.BatchNorm
-            self._count_step()
-        return y
+            if conv_input is not None:
+                return conv_input
+            if captured is None or captured[1] is not input:
+                raise RuntimeError(
+                    f"{name}: the bound conv did not produce this input in this forward "
+                    f"(expected the conv's output itself, of shape {tuple(input.shape)}, not a "
+                    "tensor computed from it or another one); the layer must directly follow "
+                    "the conv it is bound to")
+            return captured[0]
+
+        window = self._window() if use_window and not recompute else None
+        # The functional form checks everything once and counts the step in num_batches_tracked
+        # (an empty batch included, as nn.BatchNorm does; momentum=None reads its factor there).
+        return _cross_iteration(input, None, self._conv.weight if self._conv is not None else None,
+                                self._geometry, window, self.weight, self.bias, self.running_mean,
+                                self.running_var, self.training, self.momentum, self.eps, self.rho,
+                                self.burnin, self.backend,
+                                past=self._stash_take() if use_window and recompute else None,
+                                update_state=not recompute, sync=self.sync,
+                                process_group=self.process_group,
+                                num_batches_tracked=self.num_batches_tracked, deferred=self._deferred,
+                                layer=name, num_features=self.num_features,
+                                conv_source=conv_source if use_window and not recompute else None,
+                                on_past=self._stash_put,
+                                conv_bias=self._conv.bias if self._conv is not None else None)
 
     def _apply(self, fn, recurse=True):
         # <dmu, W(tau)> and <dvar, W(tau)> stay float64 whatever .half()/.float()/.to(dtype)
