@@ -128,8 +128,9 @@ def _backend_for(backend, x: Tensor, running_mean, running_var, updates_running:
 
 def draw_mask(num_features: int, p: float, device=None, generator: Optional[torch.Generator] = None
               ) -> Tensor:
-    """StochNorm's per-channel branch choice: ``rand(C) < p`` with the PyTorch generator
-    (the default one, or ``generator``) on ``device``; True selects the batch branch."""
+    """StochNorm's per-channel branch choice: a bool tensor of ``num_features`` Bernoulli(``p``)
+    draws, ``torch.empty(C, dtype=torch.bool).bernoulli_(p)`` with the PyTorch generator (the
+    default one, or ``generator``) on ``device`` (one kernel); True selects the batch branch."""
     _checks.check_hyper("p", p, low=0.0, high=1.0)
     return _draw_mask(num_features, p, device, generator)
 
@@ -139,7 +140,7 @@ def _draw_mask(num_features: int, p: float, device, generator) -> Tensor:
         return torch.ones(num_features, dtype=torch.bool, device=device)
     if p <= 0.0:
         return torch.zeros(num_features, dtype=torch.bool, device=device)
-    return torch.rand(num_features, device=device, generator=generator) < p
+    return torch.empty(num_features, dtype=torch.bool, device=device).bernoulli_(p, generator=generator)
 
 
 def stoch_norm(

@@ -117,34 +117,41 @@ class _NormBase(nn.Module):
                 + ("bias=False, " if no_bias else "")
                 + f"track_running_stats={self.track_running_stats}" + (", sync=True" if self.sync else ""))
 
-    def _plain_call(self, input) -> bool:
-        """Whether a call is plainly valid: a tensor of an allowed rank with the layer's
-        channels, on the buffers' device, with dtypes the kernels take as they are, the layer's
-        hyper-parameters in range, running on a compiled backend chosen by argument or by
-        default, outside torch.func transforms and export. Such calls go straight to the
-        backend, so that a call costs about what ``nn.BatchNorm*d``'s does; every other call
-        takes the functional form, which checks everything and raises the layer's own errors."""
-        rm = self.running_mean
+    def _plain_input(self, input, rm: Optional[torch.Tensor], w: Optional[torch.Tensor]) -> bool:
+        """Whether the input and the layer's tensors are plainly what the kernels take: a
+        tensor of an allowed rank with the layer's channels, on the buffers' device, with
+        dtypes the kernels take as they are, for a compiled backend chosen by argument or by
+        default (``resolve`` then honours STOCHNORM_EXT_BACKEND). ``rm``, ``w``: the layer's
+        running mean and weight (read once per call: module attribute reads cost here)."""
         if (self.backend not in _COMPILED_BACKENDS or rm is None or type(input) is not torch.Tensor
                 or input.dim() not in self._allowed_dims or input.shape[1] != self.num_features
-                or input.device != rm.device or self.sync
-                or torch._C._functorch.maybe_current_level() is not None or torch.compiler.is_exporting()):
+                or input.device != rm.device):
             return False
-        eps, momentum = self.eps, self.momentum
-        if not (type(eps) is float and eps > 0 and eps < math.inf) or not (
-                momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0)):
-            return False
-        dtype, w = input.dtype, self.weight
+        dtype = input.dtype
         return ((dtype is rm.dtype or (dtype in _HALF_DTYPES and rm.dtype is torch.float32))
                 and rm.dtype in _checks.FLOAT_DTYPES and (w is None or w.dtype is rm.dtype))
+
+    def _plain_call(self, input) -> bool:
+        """Whether a call is plainly valid: :meth:`_plain_input`, the layer's hyper-parameters
+        in range, no sync, outside torch.func transforms and export. Such calls go straight to
+        the backend, so that a call costs about what ``nn.BatchNorm*d``'s does; every other call
+        takes the functional form, which checks everything and raises the layer's own errors."""
+        eps, momentum = self.eps, self.momentum
+        return (self._plain_input(input, self.running_mean, self.weight) and not self.sync
+                and type(eps) is float and 0.0 < eps < math.inf
+                and (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+                and torch._C._functorch.maybe_current_level() is None and not torch.compiler.is_exporting())
 
     def _eval_as_batch_norm(self, input) -> Optional[torch.Tensor]:
         """Eval of a layer whose eval is BatchNorm with the running statistics (StochNorm, CBN):
         ``F.batch_norm`` itself, what the compiled backends run (None: the general path)."""
-        if not self._plain_call(input) or (self.backend is None and os.environ.get(ENV_VAR)):
-            return None  # (the variable may name the reference, or a backend that does not exist)
-        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False,
-                            0.0, self.eps)
+        # (F.batch_norm takes part in torch.func transforms and export as it is; the variable
+        # may name the reference, or a backend that does not exist: the general path then.)
+        rm, w, eps = self.running_mean, self.weight, self.eps
+        if not (self._plain_input(input, rm, w) and type(eps) is float and 0.0 <= eps < math.inf) \
+                or (self.backend is None and os.environ.get(ENV_VAR)):
+            return None
+        return F.batch_norm(input, rm, self.running_var, w, self.bias, False, 0.0, eps)
 
     # Activation checkpointing: the recomputed forward reuses what the original one saw.
     def _stash_put(self, value) -> None:
