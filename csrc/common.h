@@ -58,7 +58,7 @@ inline at::Tensor dense_as(const at::Tensor& t, at::ScalarType dtype,
 
 // The memory format an output keeps: channels_last(_3d) for such inputs, contiguous otherwise
 // (inputs with other strides are made contiguous first). The same rule as
-// stochnorm_ext._checks.memory_format_of, which the fake implementations use.
+// stochnorm_ext._rules.memory_format_of, which the fake implementations use.
 inline at::MemoryFormat output_format(const at::Tensor& x) {
   if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;

@@ -1,7 +1,8 @@
 // The one Welford / Chan toolkit of the library, shared by the CPU kernels
-// (cpu/segment_kernels.h), the CUDA kernels (cuda/segment_walk.h) and the coefficient steps
-// (coefficients.h): moments (count, mean, m2) of a set of values, m2 the sum of squared
-// deviations from the mean, and Chan et al.'s parallel merge of two such sets.
+// (cpu/segment_kernels.h, cpu/row_kernels.h), the CUDA kernels' reduction states
+// (cuda/reduce_states.h) and the coefficient steps (coefficients.h): moments (count, mean, m2)
+// of a set of values, m2 the sum of squared deviations from the mean, and Chan et al.'s
+// parallel merge of two such sets. Every merge of moments in csrc/ goes through chan_merge.
 #pragma once
 
 #include <c10/macros/Macros.h>
