@@ -58,6 +58,8 @@ inline acc_t horizontal_sum(const Vectorized<acc_t>& v) {
   v.store(lanes);
   acc_t s = 0;
   for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) s += lanes[i];
+  return s;
+}
 
 // Reductions keep kWide = 4 independent vector accumulators so that the adds are not one
 // latency-bound chain; Wide loads 4 vectors of consecutive values (1, 2 or 4 IO steps).
