@@ -1,4 +1,4 @@
-// Device-agnostic helpers shared by the CPU and CUDA backends of stochnorm_ext (csrc/layers.h,
+// Device-agnostic helpers shared by the CPU and CUDA backends of stochnorm_ext (csrc/ops_impl.h,
 // csrc/cpu/, csrc/cuda/): output allocation with the poison fill, the memory format an output
 // keeps, the accumulation type, how an (N, C, *S) input is walked as per-segment rows, the
 // argument checks of the ops, the BGN grouping rule and the device launch counter. Everything
@@ -17,7 +17,7 @@
 namespace stochnorm_ext::common {
 
 // Device passes the ops have launched since the library was loaded (kernels on CUDA, passes
-// and steps on the CPU; the poison fill of tests is not counted): csrc/layers.h counts every
+// and steps on the CPU; the poison fill of tests is not counted): csrc/ops_impl.h counts every
 // pass, coefficient step and ATen launch it makes, the CUDA core its split merges. Read by
 // the private op stochnorm_ext::_device_launches, so that tests assert launches per op.
 inline std::atomic<int64_t>& launch_counter() {
@@ -58,7 +58,7 @@ inline at::Tensor dense_as(const at::Tensor& t, at::ScalarType dtype,
 
 // The memory format an output keeps: channels_last(_3d) for such inputs, contiguous otherwise
 // (inputs with other strides are made contiguous first). The same rule as
-// stochnorm_ext._checks.memory_format_of, which the fake implementations use.
+// stochnorm_ext._rules.memory_format_of, which the fake implementations use.
 inline at::MemoryFormat output_format(const at::Tensor& x) {
   if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
@@ -84,6 +84,12 @@ inline int64_t spatial_size(const at::Tensor& x) {
 // A contiguous input with one value per row (L == 1, e.g. a 2d (N, C) input) is walked as
 // interleaved with C * P "channels" and P = 1: rows of contiguous values, one per segment.
 // Segment s is entry s of the (C, P) tables (row-major), in both layouts.
+//
+// This is the one description of the geometry; the kernels (csrc/cpu/, csrc/cuda/) only say
+// how they split it among threads. "planar" and "interleaved" name the walk everywhere in
+// csrc/. "channels_last" names torch's memory format only (at::MemoryFormat::ChannelsLast and
+// ChannelsLast3d, which outputs keep: output_format): a channels_last input is walked
+// interleaved, but so is a contiguous input with L == 1, so the two words are not synonyms.
 struct SegmentGeometry {
   int64_t N = 0;
   int64_t C = 0;  // channels as walked (C * P in the L == 1 case)

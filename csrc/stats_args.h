@@ -1,4 +1,4 @@
-// The running-statistics arguments of the three statistics ops (csrc/layers.h): their checks,
+// The running-statistics arguments of the three statistics ops (csrc/ops_impl.h): their checks,
 // the step count, and what the coefficient step needs to do the EMA in place.
 #pragma once
 
@@ -9,7 +9,7 @@
 #include "coefficients.h"
 #include "common.h"
 
-namespace stochnorm_ext::layers {
+namespace stochnorm_ext::ops_impl {
 
 // Checked in the constructor, before anything is mutated. The step writes the running
 // statistics through raw pointers: when a buffer is not dense in the accumulation dtype (e.g.
@@ -86,4 +86,4 @@ struct StatsArgs {
   }
 };
 
-}  // namespace stochnorm_ext::layers
+}  // namespace stochnorm_ext::ops_impl

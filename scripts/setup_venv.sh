@@ -61,7 +61,7 @@ say "building stochnorm_ext into .venv (pip install --no-build-isolation -e .): 
 log=.venv/build.log
 start=$SECONDS
 # The build needs the installed torch, hence no build isolation. Two jobs: a 2-core machine.
-# -v streams the compiler's progress ("[3/5] ... csrc/cpu/layers_cpu.cpp"), shown one line per
+# -v streams the compiler's progress ("[3/5] ... csrc/cpu/register_cpu.cpp"), shown one line per
 # step; the whole log is in .venv/build.log, and its end is shown if the build fails.
 set +e
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -v --disable-pip-version-check --no-build-isolation -e . 2>&1 \

@@ -14,7 +14,7 @@ wheel=$(ls "$work"/dist/stochnorm_ext-*.whl)
 echo "built $(basename "$sdist") and, from it, $(basename "$wheel")"
 # The sdist carries the headers, CUDA sources and tests (MANIFEST.in).
 listing=$(tar -tzf "$sdist")
-for f in csrc/common.h csrc/coefficients.h csrc/cuda/segment_walk.h csrc/cuda/layers_cuda.cu \
+for f in csrc/common.h csrc/coefficients.h csrc/cuda/segment_walk.h csrc/cuda/register_cuda.cu \
          stochnorm_ext/backend/triton/kernels.py tests/conftest.py; do
   grep -q "/$f\$" <<<"$listing" || { echo "sdist lacks $f"; exit 1; }
 done

@@ -1,7 +1,7 @@
 """The C++ provider against the op contract (docs/DESIGN.md): the statistics ops, norm_apply and
 norm_backward against ``stochnorm_ext.reference`` in float64, their mutation and autograd
 semantics, and the device launches each op makes (counted in the Device abstraction of
-csrc/layers.h, read with the private op ``stochnorm_ext::_device_launches``).
+csrc/ops_impl.h, read with the private op ``stochnorm_ext::_device_launches``).
 
 The samples of tests/test_ops.py drive opcheck on the same ops.
 """

@@ -23,9 +23,9 @@
 
 namespace stochnorm_ext::cpu {
 
-// How the kernels walk a dense (N, C, *S) tensor (planar for contiguous input, interleaved
-// for channels_last), the input made dense in its output format, output allocation with the
-// poison fill: shared with the CUDA backend in csrc/common.h.
+// How the kernels walk a dense (N, C, *S) tensor (the planar and interleaved layouts,
+// described once at SegmentGeometry), the input made dense in its output format, output
+// allocation with the poison fill: shared with the CUDA backend in csrc/common.h.
 using common::SegmentGeometry;
 using common::SegmentInput;
 

@@ -1,5 +1,5 @@
 // The shared CUDA core at tensor level: the four memory-bound passes over per-segment tables,
-// used by the three layers (layers_cuda.cu) and registered as the stochnorm_ext::segment_* ops.
+// used by the three layers (register_cuda.cu) and registered as the stochnorm_ext::segment_* ops.
 //
 //   stats       x              -> mean, m2 per segment          (m2 = sum of squared deviations)
 //   apply       x, tables      -> y  = (x - center) * scale + shift

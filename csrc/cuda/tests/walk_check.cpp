@@ -1,5 +1,5 @@
 // Host-side check of the CUDA core's work split, indexing and per-thread arithmetic
-// (csrc/cuda/segment_walk.h), runnable without a GPU:
+// (csrc/cuda/segment_walk.h with walk_geometry.h and reduce_states.h), runnable without a GPU:
 //
 //   c++ -std=c++17 -O1 -Wall -Wextra -Wno-unknown-pragmas -I<torch>/include
 //       csrc/cuda/tests/walk_check.cpp -L<torch>/lib -lc10 -Wl,-rpath,<torch>/lib -o walk_check

@@ -1,8 +1,10 @@
-// The CPU kernels of every stochnorm_ext device op: the ops of csrc/layers.h over the CPU core
-// (segment_core.h), the coefficient steps of csrc/coefficients.h run as loops.
+// Registers the CPU kernels of every stochnorm_ext device op: CpuDevice describes the CPU to
+// the op implementations of csrc/ops_impl.h (written once for every device): the four passes
+// of the CPU core (segment_core.h), the coefficient steps of csrc/coefficients.h run as loops.
+// Nothing else lives here: the math is in ops_impl.h, coefficients.h and the core.
 #include <torch/library.h>
 
-#include "../layers.h"
+#include "../ops_impl.h"
 #include "segment_core.h"
 
 namespace stochnorm_ext::cpu {
@@ -41,7 +43,7 @@ struct CpuDevice {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stochnorm_ext, CPU, m) {
-  layers::register_kernels<CpuDevice>(m);
+  ops_impl::register_kernels<CpuDevice>(m);
 }
 
 }  // namespace stochnorm_ext::cpu

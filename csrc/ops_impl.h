@@ -2,7 +2,7 @@
 // the three statistics ops, norm_apply, the one layer-agnostic norm_backward and the four
 // segment passes. Each op is big passes from the device's shared core plus ONE small
 // coefficient step of coefficients.h (statistics + EMA; per-segment tables; backward
-// coefficients). A backend (csrc/cpu/layers_cpu.cpp, csrc/cuda/layers_cuda.cu) describes its
+// coefficients). A backend (csrc/cpu/register_cpu.cpp, csrc/cuda/register_cuda.cu) describes its
 // device in a struct and registers these templates for it with register_kernels<Device>.
 //
 // Device (static members only):
@@ -31,7 +31,7 @@
 #include "common.h"
 #include "stats_args.h"
 
-namespace stochnorm_ext::layers {
+namespace stochnorm_ext::ops_impl {
 
 namespace cf = coefficients;
 using at::Tensor;
@@ -352,4 +352,4 @@ void register_kernels(torch::Library& m) {
   m.impl("norm_backward", &norm_backward<Device>);
 }
 
-}  // namespace stochnorm_ext::layers
+}  // namespace stochnorm_ext::ops_impl

@@ -1,7 +1,9 @@
-// The CUDA kernels of every stochnorm_ext device op: the ops of csrc/layers.h (schemas:
-// csrc/ops.cpp; fake tensors: stochnorm_ext/backend/compiled/ops.py; autograd: csrc/autograd.cpp, shared by
-// all devices) over the CUDA core (segment_core.h), with the coefficient steps of
-// csrc/coefficients.h run one thread per index (per_index_kernel) or one block per unit with a
+// Registers the CUDA kernels of every stochnorm_ext device op: CudaDevice describes a CUDA GPU
+// to the op implementations of csrc/ops_impl.h (written once for every device; schemas:
+// csrc/ops.cpp; fake tensors: stochnorm_ext/backend/compiled/ops.py; autograd:
+// csrc/autograd.cpp, shared by all devices): the four passes of the CUDA core
+// (segment_core.h), and the two generic kernels that run the coefficient steps of
+// csrc/coefficients.h, one thread per index (per_index_kernel) or one block per unit with a
 // block reduction (per_unit_kernel).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -10,7 +12,7 @@
 
 #include <algorithm>
 
-#include "../layers.h"
+#include "../ops_impl.h"
 #include "segment_core.h"
 
 namespace stochnorm_ext::cuda {
@@ -108,7 +110,7 @@ struct CudaDevice {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(stochnorm_ext, CUDA, m) {
-  layers::register_kernels<CudaDevice>(m);
+  ops_impl::register_kernels<CudaDevice>(m);
 }
 
 }  // namespace stochnorm_ext::cuda
