@@ -87,6 +87,18 @@ def _syncing(sync: bool, process_group, training: bool, layer: str) -> bool:
     return True
 
 
+def _route(layer, backend, x, running_mean, running_var, training, update, sync, process_group,
+           num_stats):
+    """The last checks of a call, which need its backend and whether it synchronises, and
+    those two: a statistic taken from this batch needs more than 1 value (with sync the
+    count over the whole group is checked, by the distributed path)."""
+    impl = _backend_for(backend, x, running_mean, running_var, training and update, layer)
+    syncing = _syncing(sync, process_group, training, layer)
+    if x.shape[0] > 0 and (training or running_mean is None) and not syncing:
+        _checks.check_values_per_statistic(x.numel() // num_stats, x, layer)
+    return impl, syncing
+
+
 def _batched(t: Optional[Tensor]) -> bool:
     """Whether ``t`` is batched by a ``torch.func.vmap`` at some level."""
     functorch = torch._C._functorch
@@ -196,13 +208,11 @@ def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             raise ValueError(f"{layer}: mask must be a bool tensor of shape ({C},), got {got}")
         if mask.device != x.device:
             raise RuntimeError(f"{layer}: mask is on {mask.device} but the input is on {x.device}")
-    impl = _backend_for(backend, x, running_mean, running_var, training and update_stats, layer)
-    syncing = _syncing(sync, process_group, training, layer)
+    impl, syncing = _route(layer, backend, x, running_mean, running_var, training, update_stats, sync,
+                           process_group, C)
     if x.shape[0] == 0 and not syncing:
         return _empty_step(x, weight, bias, training, update_stats, num_batches_tracked)
     if training:
-        if not syncing:  # with sync, the count over the whole group is checked
-            _checks.check_values_per_statistic(x.numel() // C, x, layer)
         if mask is None:
             mask = _draw_mask(C, p, x.device, generator)
             if on_mask is not None:
@@ -248,12 +258,10 @@ def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, tr
     _common_checks(layer, x, weight, bias, running_mean, running_var, (num_groups,), momentum, eps,
                    training, num_batches_tracked)
     _checks.check_groups_fit(num_groups, x, layer)
-    impl = _backend_for(backend, x, running_mean, running_var, training and update_stats, layer)
-    syncing = _syncing(sync, process_group, training, layer)
+    impl, syncing = _route(layer, backend, x, running_mean, running_var, training, update_stats, sync,
+                           process_group, num_groups)
     if x.shape[0] == 0 and not syncing:
         return _empty_step(x, weight, bias, training, update_stats, num_batches_tracked)
-    if (training or running_mean is None) and not syncing:
-        _checks.check_values_per_statistic(x.numel() // num_groups, x, layer)
     counter = num_batches_tracked if training and update_stats else None
     if syncing:
         return distributed.batch_group_norm(x, num_groups, weight, bias, running_mean, running_var, training,
@@ -357,12 +365,10 @@ def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias,
         _checks.check_window(layer, x, window)
     if use_window:
         _checks.check_conv(layer, x, conv_input, conv_weight, geometry, window)
-    impl = _backend_for(backend, x, running_mean, running_var, training and update_state, layer)
-    syncing = _syncing(sync, process_group, training, layer)
+    impl, syncing = _route(layer, backend, x, running_mean, running_var, training, update_state, sync,
+                           process_group, C)
     if x.shape[0] == 0 and not syncing:
         return _empty_step(x, weight, bias, training, update_state, num_batches_tracked)
-    if (training or running_mean is None) and not syncing:
-        _checks.check_values_per_statistic(x.numel() // C, x, layer)
     if use_window and past is None:
         past = compensated_past(window, conv_weight, rho, burnin)
         if on_past is not None:

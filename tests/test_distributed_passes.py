@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import stochnorm_ext as sx
 from sync_plumbing import BACKENDS, close, no_collectives, rank_slice, spawn
+from host_reads import HostReads
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -172,17 +172,6 @@ def test_sync_with_momentum_none_updates_like_one_process_and_counts_the_step():
     spawn(2, _cumulative_worker, (2, 3), BACKENDS)
 
 
-class _HostReads(TorchDispatchMode):
-    """Records every read of a tensor's value by the host (``item``, ``float``, ``bool``, ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            self.reads.append(func)
-        return func(*args, **(kwargs or {}))
 
 
 def _host_sync_worker(rank, world, backends):
@@ -195,7 +184,7 @@ def _host_sync_worker(rank, world, backends):
             x = (torch.randn(3, *shape, generator=g, dtype=torch.float64) * 2 + 3).requires_grad_()
             state = _state(key, g)
             # Eager checks the value count on the host (its ValueError): the detector sees that...
-            with _HostReads() as mode:
+            with HostReads() as mode:
                 _call(distributed, key, x, state, torch.tensor(2), None, impl=impl)
             assert mode.reads, "the host-read detector saw nothing"
             # ...and, with that one check on the device (as under CUDA graph capture), nothing else
@@ -203,7 +192,7 @@ def _host_sync_worker(rank, world, backends):
             saved = distributed._host_may_sync
             distributed._host_may_sync = lambda x: False
             try:
-                with _HostReads() as mode:
+                with HostReads() as mode:
                     y = _call(distributed, key, x, state, torch.tensor(2), None, impl=impl)
                     y.backward(torch.randn(y.shape, generator=g, dtype=torch.float64))
             finally:

@@ -8,26 +8,15 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import stochnorm_ext as sx
 from conftest import available
+from host_reads import HostReads
 
 CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if available(b, "cpu")]
 GPU_BACKENDS = ["cuda", "triton"]
 
 
-class HostReads(TorchDispatchMode):
-    """Records every read of a tensor's value by the host (``item``, ``float``, ``bool``...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            self.reads.append(func)
-        return func(*args, **(kwargs or {}))
 
 
 def make_layer(kind: str, backend: str, momentum):
