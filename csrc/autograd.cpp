@@ -18,6 +18,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace stochnorm_ext::autograd {
 namespace {
@@ -131,6 +132,21 @@ void bump(const std::optional<Tensor>& t) {
   if (t.has_value()) bump(*t);
 }
 
+// A statistics op, called below autograd: its outputs never require grad.
+template <typename Sig, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
+}
+
+// What a statistics op mutates when it updates: the running statistics and the step count.
+template <typename Mean, typename Var>
+void bump_all(const Mean& running_mean, const Var& running_var, const std::optional<Tensor>& num_batches_tracked) {
+  bump(running_mean);
+  bump(running_var);
+  bump(num_batches_tracked);
+}
+
 using StochNormStatsSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const Tensor&, std::optional<double>,
                                                              const std::optional<Tensor>&, bool);
@@ -140,17 +156,10 @@ std::tuple<Tensor, Tensor, Tensor> stoch_norm_stats_autograd(const Tensor& input
                                                              std::optional<double> momentum,
                                                              const std::optional<Tensor>& num_batches_tracked,
                                                              bool update_stats) {
-  std::tuple<Tensor, Tensor, Tensor> out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static const auto op = op_handle<StochNormStatsSig>("stochnorm_ext::stoch_norm_stats");
-    out = op.call(input, running_mean, running_var, mask, momentum, num_batches_tracked, update_stats);
-  }
-  if (update_stats) {
-    bump(running_mean);
-    bump(running_var);
-    bump(num_batches_tracked);
-  }
+  static const auto op = op_handle<StochNormStatsSig>("stochnorm_ext::stoch_norm_stats");
+  auto out =
+      call_below_autograd(op, input, running_mean, running_var, mask, momentum, num_batches_tracked, update_stats);
+  if (update_stats) bump_all(running_mean, running_var, num_batches_tracked);
   return out;
 }
 
@@ -163,17 +172,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_group_norm_stats_autograd(
     const Tensor& input, int64_t num_groups, const std::optional<Tensor>& running_mean,
     const std::optional<Tensor>& running_var, std::optional<double> momentum,
     const std::optional<Tensor>& num_batches_tracked, bool update_stats) {
-  std::tuple<Tensor, Tensor, Tensor> out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static const auto op = op_handle<BatchGroupNormStatsSig>("stochnorm_ext::batch_group_norm_stats");
-    out = op.call(input, num_groups, running_mean, running_var, momentum, num_batches_tracked, update_stats);
-  }
-  if (update_stats) {
-    bump(running_mean);
-    bump(running_var);
-    bump(num_batches_tracked);
-  }
+  static const auto op = op_handle<BatchGroupNormStatsSig>("stochnorm_ext::batch_group_norm_stats");
+  auto out = call_below_autograd(op, input, num_groups, running_mean, running_var, momentum, num_batches_tracked,
+                                 update_stats);
+  if (update_stats) bump_all(running_mean, running_var, num_batches_tracked);
   return out;
 }
 
@@ -185,18 +187,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cross_iteration_norm_stats_au
     const Tensor& input, const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
     const Tensor& past_mean, const Tensor& past_var, const Tensor& past_keep, std::optional<double> momentum,
     const std::optional<Tensor>& num_batches_tracked, bool update_stats) {
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
-  {
-    at::AutoDispatchBelowADInplaceOrView below;
-    static const auto op = op_handle<CrossIterationStatsSig>("stochnorm_ext::cross_iteration_norm_stats");
-    out = op.call(input, running_mean, running_var, past_mean, past_var, past_keep, momentum, num_batches_tracked,
-                  update_stats);
-  }
-  if (update_stats) {
-    bump(running_mean);
-    bump(running_var);
-    bump(num_batches_tracked);
-  }
+  static const auto op = op_handle<CrossIterationStatsSig>("stochnorm_ext::cross_iteration_norm_stats");
+  auto out = call_below_autograd(op, input, running_mean, running_var, past_mean, past_var, past_keep, momentum,
+                                 num_batches_tracked, update_stats);
+  if (update_stats) bump_all(running_mean, running_var, num_batches_tracked);
   return out;
 }
 

@@ -58,6 +58,22 @@ def load_example(name: str):
     return module
 
 
+def run_example(module, argv):
+    """``module.main(argv)`` and what it printed, restoring the process-wide thread count
+    that the examples' main() sets."""
+    import contextlib
+    import io
+
+    threads = torch.get_num_threads()
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            result = module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    return result, printed.getvalue()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

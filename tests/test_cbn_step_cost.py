@@ -29,11 +29,12 @@ class _CountOps(TorchDispatchMode):
 
 
 # A CBN training forward with a full window (burnin 0, the cpu backend): the compensation
-# (2 batched matmuls, 7 small elementwise ops) and the normalisation with the running
-# statistics and num_batches_tracked (3 ops on the cpu backend here). The Jacobians and the
+# (2 batched matmuls, 7 small elementwise ops) and the normalisation (2 ops on the cpu
+# backend: the statistics op, with the running statistics and num_batches_tracked, then
+# norm_apply). The Jacobians and the
 # ring-buffer store run when the backward reaches the layer's input. Before docs/DESIGN.md's
 # "CBN's step cost" work: 61; then 30 (store in the forward); issue 13 asks for <= 12.
-CBN_FORWARD_OPS = 12
+CBN_FORWARD_OPS = 11
 
 
 @pytest.mark.parametrize("burnin", [0, 3])

@@ -2,9 +2,8 @@
 import math
 
 import pytest
-import torch
 
-from conftest import load_example
+from conftest import load_example, run_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
@@ -14,17 +13,12 @@ def _load_demo():
     return load_example("finetune_digits")
 
 
-def test_smoke_run(tmp_path, capsys):
+def test_smoke_run(tmp_path):
     demo = _load_demo()
     plot_path = tmp_path / "plot.png"
-    threads = torch.get_num_threads()
-    try:
-        # One thread: these tiny models gain nothing from more, and a busy CI machine
-        # makes multi-threaded tiny ops much slower.
-        result = demo.main(["--smoke", "--threads", "1", "--out", str(plot_path)])
-    finally:
-        torch.set_num_threads(threads)  # main() sets the process-wide thread count
-    printed = capsys.readouterr().out
+    # One thread: these tiny models gain nothing from more, and a busy CI machine makes
+    # multi-threaded tiny ops much slower.
+    result, printed = run_example(demo, ["--smoke", "--threads", "1", "--out", str(plot_path)])
 
     acc = result["accuracy"]
     assert list(acc) == [5]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import load_example
+from conftest import load_example, run_example
 
 pytest.importorskip("sklearn")
 
@@ -13,15 +13,10 @@ def _load_demo():
     return load_example("small_batch_digits")
 
 
-def test_smoke_run(tmp_path, capsys):
+def test_smoke_run(tmp_path):
     demo = _load_demo()
+    result, printed = run_example(demo, ["--smoke", "--out", str(tmp_path / "plot.png")])
     plot_path = tmp_path / "plot.png"
-    threads = torch.get_num_threads()
-    try:
-        result = demo.main(["--smoke", "--out", str(plot_path)])
-    finally:
-        torch.set_num_threads(threads)  # main() sets the process-wide thread count
-    printed = capsys.readouterr().out
 
     acc = result["accuracy"]
     assert list(acc) == [2, 8]

@@ -46,10 +46,13 @@ _INPUTS = {
 }
 
 
-def rank_variant(layer: type, spatial_dims: int):
-    """``(__doc__, _allowed_dims)`` of the ``spatial_dims``-d variant of ``layer``."""
-    dims, text = _INPUTS[spatial_dims]
-    return layer.__doc__ + f"\n    {text}\n", dims
+def rank_variants(layer: type, name: str):
+    """The 1d, 2d and 3d classes of ``layer`` (``name`` + ``1d`` ...), which differ only in
+    the inputs they take; defined in ``layer``'s module, so they pickle by name."""
+    return tuple(
+        type(f"{name}{d}d", (layer,), {"__doc__": layer.__doc__ + f"\n    {text}\n", "_allowed_dims": dims,
+                                      "__module__": layer.__module__, "__qualname__": f"{name}{d}d"})
+        for d, (dims, text) in sorted(_INPUTS.items()))
 
 
 class _NormBase(nn.Module):

@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _checks
 from ..backend import resolve
 from ..functional import _batch_group_norm
-from ._base import rank_variant, _in_backward_recompute, _NormBase
+from ._base import rank_variants, _in_backward_recompute, _NormBase
 
 __all__ = ["BatchGroupNorm1d", "BatchGroupNorm2d", "BatchGroupNorm3d"]
 
@@ -77,13 +77,4 @@ class _BatchGroupNorm(_NormBase):
                                  self._allowed_dims)
 
 
-class BatchGroupNorm1d(_BatchGroupNorm):
-    __doc__, _allowed_dims = rank_variant(_BatchGroupNorm, 1)
-
-
-class BatchGroupNorm2d(_BatchGroupNorm):
-    __doc__, _allowed_dims = rank_variant(_BatchGroupNorm, 2)
-
-
-class BatchGroupNorm3d(_BatchGroupNorm):
-    __doc__, _allowed_dims = rank_variant(_BatchGroupNorm, 3)
+BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d = rank_variants(_BatchGroupNorm, "BatchGroupNorm")

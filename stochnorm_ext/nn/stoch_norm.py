@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _checks
 from ..backend import resolve
 from ..functional import _draw_mask, _stoch_norm
-from ._base import rank_variant, _in_backward_recompute, _may_be_recomputed, _NormBase
+from ._base import rank_variants, _in_backward_recompute, _may_be_recomputed, _NormBase
 
 __all__ = ["StochNorm1d", "StochNorm2d", "StochNorm3d"]
 
@@ -95,13 +95,4 @@ class _StochNorm(_NormBase):
         self._stash_put((mask, self.running_mean.clone(), self.running_var.clone()))
 
 
-class StochNorm1d(_StochNorm):
-    __doc__, _allowed_dims = rank_variant(_StochNorm, 1)
-
-
-class StochNorm2d(_StochNorm):
-    __doc__, _allowed_dims = rank_variant(_StochNorm, 2)
-
-
-class StochNorm3d(_StochNorm):
-    __doc__, _allowed_dims = rank_variant(_StochNorm, 3)
+StochNorm1d, StochNorm2d, StochNorm3d = rank_variants(_StochNorm, "StochNorm")
