@@ -134,13 +134,13 @@ class _NormBase(nn.Module):
         return ((dtype is rm.dtype or (dtype in _HALF_DTYPES and rm.dtype is torch.float32))
                 and rm.dtype in _checks.FLOAT_DTYPES and (w is None or w.dtype is rm.dtype))
 
-    def _plain_call(self, input) -> bool:
+    def _plain_call(self, input, rm: Optional[torch.Tensor], w: Optional[torch.Tensor]) -> bool:
         """Whether a call is plainly valid: :meth:`_plain_input`, the layer's hyper-parameters
         in range, no sync, outside torch.func transforms and export. Such calls go straight to
         the backend, so that a call costs about what ``nn.BatchNorm*d``'s does; every other call
         takes the functional form, which checks everything and raises the layer's own errors."""
         eps, momentum = self.eps, self.momentum
-        return (self._plain_input(input, self.running_mean, self.weight) and not self.sync
+        return (self._plain_input(input, rm, w) and not self.sync
                 and type(eps) is float and 0.0 < eps < math.inf
                 and (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
                 and torch._C._functorch.maybe_current_level() is None and not torch.compiler.is_exporting())

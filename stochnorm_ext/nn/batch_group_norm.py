@@ -61,13 +61,13 @@ class _BatchGroupNorm(_NormBase):
         return f"{self.num_features}, num_groups={self.num_groups}, " + super().extra_repr().split(", ", 1)[1]
 
     def forward(self, input: Tensor) -> Tensor:
-        if self._plain_call(input) and self._pieces_fit(input) and input.numel() >= 2 * self.num_groups \
+        rm, w = self.running_mean, self.weight  # module attribute reads cost: once per call
+        if self._plain_call(input, rm, w) and self._pieces_fit(input) and input.numel() >= 2 * self.num_groups \
                 and not (self.training and _in_backward_recompute()):
             # Nothing left to check (eval: one apply; training: statistics op, apply).
             return resolve(self.backend, input.device).batch_group_norm(
-                input, self.num_groups, self.weight, self.bias, self.running_mean, self.running_var,
-                self.training, self.momentum, self.eps, True,
-                self.num_batches_tracked if self.training else None)
+                input, self.num_groups, w, self.bias, rm, self.running_var, self.training, self.momentum,
+                self.eps, True, self.num_batches_tracked if self.training else None)
         # A recomputation under activation checkpointing changes no state (one step, once).
         update = not (self.training and _in_backward_recompute())
         return _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,

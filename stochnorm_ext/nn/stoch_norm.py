@@ -18,8 +18,8 @@ class _StochNorm(_NormBase):
 
     Two branches per channel in training: the batch branch normalises with this batch's
     statistics, the moving branch with the running statistics as they were before this
-    step. One Bernoulli(``p``) draw per channel and forward call (``bernoulli_(p)`` on a
-    bool tensor of C, one kernel, with the default PyTorch generator on the input's device, so ``torch.manual_seed``
+    step. One Bernoulli(``p``) draw per channel and forward call (``torch.rand(C) < p``
+    with the default PyTorch generator on the input's device, so ``torch.manual_seed``
     reproduces a run) picks the batch branch with probability ``p``. The running
     statistics are updated once per step from the batch statistics, whatever the mask.
     Eval is BatchNorm with the running statistics. ``p = 1`` is BatchNorm; ``p = 0``
@@ -66,15 +66,16 @@ class _StochNorm(_NormBase):
                 return y
         name = type(self).__name__
         recompute = self.training and _in_backward_recompute()
-        if (self.training and not recompute and self._plain_call(input) and 0.0 <= self.p <= 1.0
+        rm, w = self.running_mean, self.weight  # module attribute reads cost: once per call
+        if (self.training and not recompute and self._plain_call(input, rm, w) and 0.0 <= self.p <= 1.0
                 and input.numel() >= 2 * self.num_features):
             # Nothing left to check: draw the mask and run the step on the backend.
             mask = _draw_mask(self.num_features, self.p, input.device, None)
             if _may_be_recomputed():
                 self._stash_step(mask)
             return resolve(self.backend, input.device).stoch_norm(
-                input, self.weight, self.bias, self.running_mean, self.running_var, mask, True,
-                self.momentum, self.eps, True, self.num_batches_tracked)
+                input, w, self.bias, rm, self.running_var, mask, True, self.momentum, self.eps, True,
+                self.num_batches_tracked)
         if recompute:
             mask, moving_mean, moving_var = self._stash_take()
             return _stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
