@@ -59,7 +59,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
 from ._rules import accumulate_dtype, grouping
 from .cbn_window import CBNWindow, ConvGeometry, push_entry
 from .cbn_window import conv_jacobians as _local_conv_jacobians
@@ -93,9 +92,8 @@ def check_ready(process_group, layer: str) -> None:
 
 
 def _passes(impl):
-    """The backend's four passes. The getattr default serves a backend module that does not
-    export ``PASSES`` yet (the Triton one, whose passes are the reference's)."""
-    return getattr(impl, "PASSES", reference.PASSES)
+    """The backend's four passes (every backend declares its ``PASSES``: the Backend protocol)."""
+    return impl.PASSES
 
 
 def _group(process_group):

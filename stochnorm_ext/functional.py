@@ -17,6 +17,11 @@ the reference's plain PyTorch ops, which the transforms support; under vmap, tra
 would update unbatched running statistics from a batched input raises, as for
 ``F.batch_norm``.
 
+``run_stoch_norm``, ``run_batch_group_norm`` and ``run_cross_iteration`` are the whole calls
+behind the public forms, with what the modules pass besides (their name for messages, their
+channel count and input ranks, so the input is checked once; the hooks of activation
+checkpointing); they are not part of the public API.
+
 ``sync=True`` takes the training statistics over every process of ``process_group``
 (None: the default ``torch.distributed`` group), see ``stochnorm_ext.distributed``; it
 needs an initialised process group in training and is ignored in eval.
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from . import _checks, distributed
 from ._rules import accumulate_dtype
+from .reference import affine, finish
 from .backend import resolve
 from .cbn_window import (CBNWindow, ConvGeometry, StoreAtBackward, compensated_past, conv_jacobians,
                          push_entry)
@@ -61,8 +67,7 @@ def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shap
 
 def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """N == 0: an empty output still connected to the graph of x, weight and bias."""
-    from .reference import _affine, _finish
-    return _finish(_affine(x.to(accumulate_dtype(x)), weight, bias), x)
+    return finish(affine(x.to(accumulate_dtype(x)), weight, bias), x)
 
 
 def _empty_step(x, weight, bias, training, update_stats, num_batches_tracked) -> Tensor:
@@ -190,11 +195,11 @@ def stoch_norm(
     ``sync=True``: batch statistics over the processes of ``process_group`` in training,
     with the mask of the group's first rank on every rank.
     """
-    return _stoch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+    return run_stoch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        p, mask, generator, backend, True, sync, process_group, num_batches_tracked)
 
 
-def _stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, p, mask,
+def run_stoch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, p, mask,
                 generator, backend, update_stats, sync=False, process_group=None,
                 num_batches_tracked=None, on_mask=None, layer="stoch_norm", num_features=None,
                 dims=(2, 3, 4, 5)):
@@ -252,11 +257,11 @@ def batch_group_norm(
     ``sync=True``: training statistics over the processes of ``process_group`` (eval uses
     the local batch when there are no running statistics, never a collective).
     """
-    return _batch_group_norm(input, num_groups, running_mean, running_var, weight, bias, training,
+    return run_batch_group_norm(input, num_groups, running_mean, running_var, weight, bias, training,
                              momentum, eps, backend, True, sync, process_group, num_batches_tracked)
 
 
-def _batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, training, momentum,
+def run_batch_group_norm(x, num_groups, running_mean, running_var, weight, bias, training, momentum,
                       eps, backend, update_stats, sync=False, process_group=None,
                       num_batches_tracked=None, layer="batch_group_norm", num_features=None,
                       dims=(2, 3, 4, 5)):
@@ -321,7 +326,7 @@ def cross_iteration_batch_norm(
     """
     geometry = ConvGeometry(_pair(stride, "stride"), _pair(padding, "padding"),
                             _pair(dilation, "dilation"), groups)
-    return _cross_iteration(input, conv_input, conv_weight, geometry, window, weight, bias,
+    return run_cross_iteration(input, conv_input, conv_weight, geometry, window, weight, bias,
                             running_mean, running_var, training, momentum, eps, rho, burnin,
                             backend, sync=sync, process_group=process_group,
                             num_batches_tracked=num_batches_tracked)
@@ -338,7 +343,7 @@ def _backward_will_store(x: Tensor) -> bool:
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
 
 
-def _cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
+def run_cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bias, running_mean,
                      running_var, training, momentum, eps, rho, burnin, backend, past=None,
                      update_state=True, sync=False, process_group=None, num_batches_tracked=None,
                      deferred=None, layer="cross_iteration_batch_norm", num_features=None,

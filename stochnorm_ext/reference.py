@@ -31,7 +31,7 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def _affine(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def affine(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     if weight is not None:
         z = z * _per_channel(weight.to(z.dtype), z)
     if bias is not None:
@@ -39,7 +39,7 @@ def _affine(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tens
     return z
 
 
-def _finish(y: Tensor, x: Tensor) -> Tensor:
+def finish(y: Tensor, x: Tensor) -> Tensor:
     """Back to the input's dtype and memory format."""
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
@@ -78,7 +78,7 @@ def _eval_batch_norm(x, weight, bias, running_mean, running_var, eps) -> Tensor:
     acc = accumulate_dtype(x)
     mean = _per_channel(running_mean.to(acc), x)
     invstd = _per_channel(torch.rsqrt(running_var.to(acc) + eps), x)
-    return _finish(_affine((x.to(acc) - mean) * invstd, weight, bias), x)
+    return finish(affine((x.to(acc) - mean) * invstd, weight, bias), x)
 
 
 def stoch_norm(
@@ -106,7 +106,7 @@ def stoch_norm(
     mean = torch.where(mask, batch_mean, moving_mean)
     var = torch.where(mask, batch_var, moving_var)
     z = (xf - _per_channel(mean, x)) * _per_channel(torch.rsqrt(var + eps), x)
-    y = _finish(_affine(z, weight, bias), x)
+    y = finish(affine(z, weight, bias), x)
     if update_stats:
         count = xf.numel() // xf.shape[1]
         update_running_stats(running_mean, running_var, batch_mean, batch_var, count, momentum,
@@ -140,7 +140,7 @@ def batch_group_norm(
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     z = (grouped - mean.view(1, -1, 1)) * torch.rsqrt(var + eps).view(1, -1, 1)
-    return _finish(_affine(z.reshape(x.shape), weight, bias), x)
+    return finish(affine(z.reshape(x.shape), weight, bias), x)
 
 
 def pool_window(mu_t: Tensor, var_t: Tensor, past_mean: Tensor, past_var: Tensor, past_keep: Tensor
@@ -188,7 +188,7 @@ def cross_iteration_norm(
     var_t, mu_t = torch.var_mean(xf, dim=stat_dims(x), correction=0)
     mu, var, _ = pool_window(mu_t, var_t, past_mean, past_var, past_keep)
     z = (xf - _per_channel(mu, x)) * _per_channel(torch.rsqrt(var + eps), x)
-    y = _finish(_affine(z, weight, bias), x)
+    y = finish(affine(z, weight, bias), x)
     if training and update_stats and running_mean is not None:
         n = xf.numel() // xf.shape[1]
         update_running_stats(running_mean, running_var, mu_t, var_t, n, momentum, num_batches_tracked)
@@ -238,7 +238,7 @@ class _PlainPasses:
         """y = (x - center) * scale + shift per segment, in x's dtype and memory format."""
         xs = _segments(x, center.shape[1])
         y = (xs - _table(center)) * _table(scale) + _table(shift)
-        return _finish(y.reshape(x.shape), x)
+        return finish(y.reshape(x.shape), x)
 
     @staticmethod
     def grad_sums(dy: Tensor, x: Tensor, center: Tensor) -> Tuple[Tensor, Tensor]:
@@ -253,7 +253,7 @@ class _PlainPasses:
         pieces = center.shape[1]
         dys, xs = _segments(dy, pieces).to(center.dtype), _segments(x, pieces)
         dx = _table(k_dy) * dys + _table(k_x) * (xs - _table(center)) + _table(k_0)
-        return _finish(dx.reshape(x.shape), x)
+        return finish(dx.reshape(x.shape), x)
 
 
 PASSES = _PlainPasses()

@@ -130,10 +130,10 @@ def run(layer: str, backend: str, case: dict, dtype, fmt: str, device="cpu", tra
     rm, rv = to_device(case["running_mean"], param_dtype, device), to_device(case["running_var"], param_dtype, device)
     extra = {}
     if layer == "stoch":
-        y = F._stoch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, 0.5, case["mask"].to(device), None, backend,
+        y = F.run_stoch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, 0.5, case["mask"].to(device), None, backend,
                           update_stats=update_stats)
     elif layer.startswith("bgn"):
-        y = F._batch_group_norm(x, groups_for(layer, x.shape), rm, rv, w, b, training, 0.1, 1e-5, backend,
+        y = F.run_batch_group_norm(x, groups_for(layer, x.shape), rm, rv, w, b, training, 0.1, 1e-5, backend,
                                 update_stats=update_stats)
     elif layer == "cbn":
         acc = torch.float64 if dtype == torch.float64 else torch.float32

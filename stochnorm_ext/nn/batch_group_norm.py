@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..backend import resolve
-from ..functional import _batch_group_norm
+from ..functional import run_batch_group_norm
 from ._base import rank_variants, _in_backward_recompute, _NormBase
 
 __all__ = ["BatchGroupNorm1d", "BatchGroupNorm2d", "BatchGroupNorm3d"]
@@ -70,7 +70,7 @@ class _BatchGroupNorm(_NormBase):
                 self.eps, True, self.num_batches_tracked if self.training else None)
         # A recomputation under activation checkpointing changes no state (one step, once).
         update = not (self.training and _in_backward_recompute())
-        return _batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
+        return run_batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
                                  self.weight, self.bias, self.training, self.momentum, self.eps,
                                  self.backend, update, self.sync, self.process_group,
                                  self.num_batches_tracked, type(self).__name__, self.num_features,

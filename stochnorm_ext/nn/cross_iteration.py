@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..cbn_window import CBNWindow, ConvGeometry
-from ..functional import _cross_iteration
+from ..functional import run_cross_iteration
 from ._base import _in_backward_recompute, _NormBase
 
 __all__ = ["CrossIterationBatchNorm2d", "Conv2dCBN"]
@@ -196,7 +196,7 @@ class CrossIterationBatchNorm2d(_NormBase):
         window = self._window() if use_window and not recompute else None
         # The functional form checks everything once and counts the step in num_batches_tracked
         # (an empty batch included, as nn.BatchNorm does; momentum=None reads its factor there).
-        return _cross_iteration(input, None, self._conv.weight if self._conv is not None else None,
+        return run_cross_iteration(input, None, self._conv.weight if self._conv is not None else None,
                                 self._geometry, window, self.weight, self.bias, self.running_mean,
                                 self.running_var, self.training, self.momentum, self.eps, self.rho,
                                 self.burnin, self.backend,

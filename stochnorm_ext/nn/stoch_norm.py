@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..backend import resolve
-from ..functional import _draw_mask, _stoch_norm
+from ..functional import draw_mask, run_stoch_norm
 from ._base import rank_variants, _in_backward_recompute, _may_be_recomputed, _NormBase
 
 __all__ = ["StochNorm1d", "StochNorm2d", "StochNorm3d"]
@@ -70,7 +70,7 @@ class _StochNorm(_NormBase):
         if (self.training and not recompute and self._plain_call(input, rm, w) and 0.0 <= self.p <= 1.0
                 and input.numel() >= 2 * self.num_features):
             # Nothing left to check: draw the mask and run the step on the backend.
-            mask = _draw_mask(self.num_features, self.p, input.device, None)
+            mask = draw_mask(self.num_features, self.p, input.device)
             if _may_be_recomputed():
                 self._stash_step(mask)
             return resolve(self.backend, input.device).stoch_norm(
@@ -78,14 +78,14 @@ class _StochNorm(_NormBase):
                 self.num_batches_tracked)
         if recompute:
             mask, moving_mean, moving_var = self._stash_take()
-            return _stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
+            return run_stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
                                self.eps, self.p, mask, None, self.backend, False, self.sync,
                                self.process_group, None, None, name, self.num_features, self._allowed_dims)
         # The functional form checks everything once, then draws the mask: a call that raises
         # leaves the RNG as it was (like nn.BatchNorm, which draws nothing). It counts the step
         # in num_batches_tracked (an empty batch included, as nn.BatchNorm does).
         stash = self._stash_step if self.training and _may_be_recomputed() else None
-        return _stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+        return run_stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                            self.training, self.momentum, self.eps, self.p, None, None, self.backend,
                            True, self.sync, self.process_group, self.num_batches_tracked, stash, name,
                            self.num_features, self._allowed_dims)
