@@ -28,7 +28,6 @@ needs an initialised process group in training and is ignored in eval.
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional, Tuple, Union
 
 import torch
@@ -37,7 +36,7 @@ from torch import Tensor
 from . import _checks, distributed
 from ._rules import accumulate_dtype
 from .reference import affine, finish
-from .backend import resolve
+from .backend import resolve_for_call
 from .cbn_window import (CBNWindow, ConvGeometry, StoreAtBackward, compensated_past, conv_jacobians,
                          push_entry)
 
@@ -97,50 +96,11 @@ def _route(layer, backend, x, running_mean, running_var, training, update, sync,
     """The last checks of a call, which need its backend and whether it synchronises, and
     those two: a statistic taken from this batch needs more than 1 value (with sync the
     count over the whole group is checked, by the distributed path)."""
-    impl = _backend_for(backend, x, running_mean, running_var, training and update, layer)
+    impl = resolve_for_call(backend, x, running_mean, running_var, training and update, layer)
     syncing = _syncing(sync, process_group, training, layer)
     if x.shape[0] > 0 and (training or running_mean is None) and not syncing:
         _checks.check_values_per_statistic(x.numel() // num_stats, x, layer)
     return impl, syncing
-
-
-def _batched(t: Optional[Tensor]) -> bool:
-    """Whether ``t`` is batched by a ``torch.func.vmap`` at some level."""
-    functorch = torch._C._functorch
-    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
-
-
-def _onnx_exporting() -> bool:
-    """Inside ``torch.onnx.export`` (which traces with torch.export first)."""
-    if not torch.compiler.is_exporting():
-        return False
-    onnx = sys.modules.get("torch.onnx")  # never imported here: not exporting to ONNX
-    return onnx is not None and onnx.is_in_onnx_export()
-
-
-def _backend_for(backend, x: Tensor, running_mean, running_var, updates_running: bool, layer: str):
-    """The backend module to run on. Inside ``torch.func`` transforms (grad, vjp, jacrev,
-    vmap, ...) and ``torch.onnx.export`` that is the reference: the kernels' custom ops have
-    no functorch rules and no ONNX translation, plain PyTorch ops have both (the reference
-    is what every backend is tested against; in eval it is BatchNorm's per-channel affine
-    map, BGN's per-group one). Like ``nn.BatchNorm*d``, vmap refuses to update unbatched
-    running statistics from a batched input (raised here, before anything changes)."""
-    impl = resolve(backend, x.device)  # an unknown or unavailable name still raises
-    if _onnx_exporting():
-        return resolve("reference", x.device)
-    if torch._C._functorch.maybe_current_level() is None:
-        return impl
-    if updates_running and running_mean is not None and not _batched(running_mean) \
-            and not _batched(running_var) and _batched(x):
-        raise RuntimeError(
-            f"{layer}: under torch.func.vmap the input is batched but running_mean and running_var, "
-            "which training updates in place, are not (nn.BatchNorm*d refuses this too); use eval "
-            "mode, track_running_stats=False where the layer allows it, or batch the buffers as well")
-    return resolve("reference", x.device)
 
 
 def draw_mask(num_features: int, p: float, device=None, generator: Optional[torch.Generator] = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from typing import Dict, Optional, Protocol, Tuple
 
@@ -194,3 +195,42 @@ def _supports(name: str, device: torch.device) -> bool:
     if name == "triton" and device.type == "cpu":
         return os.environ.get("TRITON_INTERPRET") == "1"
     return device.type in devices
+
+
+def _batched(t: Optional[Tensor]) -> bool:
+    """Whether ``t`` is batched by a ``torch.func.vmap`` at some level."""
+    functorch = torch._C._functorch
+    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _onnx_exporting() -> bool:
+    """Inside ``torch.onnx.export`` (which traces with torch.export first)."""
+    if not torch.compiler.is_exporting():
+        return False
+    onnx = sys.modules.get("torch.onnx")  # never imported here: not exporting to ONNX
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def resolve_for_call(backend, x: Tensor, running_mean, running_var, updates_running: bool, layer: str):
+    """The backend module a layer call runs on (``resolve``, then the exceptions). Inside ``torch.func`` transforms (grad, vjp, jacrev,
+    vmap, ...) and ``torch.onnx.export`` that is the reference: the kernels' custom ops have
+    no functorch rules and no ONNX translation, plain PyTorch ops have both (the reference
+    is what every backend is tested against; in eval it is BatchNorm's per-channel affine
+    map, BGN's per-group one). Like ``nn.BatchNorm*d``, vmap refuses to update unbatched
+    running statistics from a batched input (raised here, before anything changes)."""
+    impl = resolve(backend, x.device)  # an unknown or unavailable name still raises
+    if _onnx_exporting():
+        return resolve("reference", x.device)
+    if torch._C._functorch.maybe_current_level() is None:
+        return impl
+    if updates_running and running_mean is not None and not _batched(running_mean) \
+            and not _batched(running_var) and _batched(x):
+        raise RuntimeError(
+            f"{layer}: under torch.func.vmap the input is batched but running_mean and running_var, "
+            "which training updates in place, are not (nn.BatchNorm*d refuses this too); use eval "
+            "mode, track_running_stats=False where the layer allows it, or batch the buffers as well")
+    return resolve("reference", x.device)

@@ -11,7 +11,7 @@ run, be folded and be exported without ``stochnorm_ext``:
 3. the result exports with ``torch.export`` / ``torch.onnx.export`` as standard ops only.
 
 Unconverted models export to ONNX as well: inside ``torch.onnx.export`` the layers compute
-with the reference backend's plain PyTorch ops (``functional._backend_for``), since the
+with the reference backend's plain PyTorch ops (``backend.resolve_for_call``), since the
 kernels' custom ops have no ONNX translation.
 """
 from __future__ import annotations
