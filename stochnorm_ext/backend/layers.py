@@ -24,12 +24,15 @@ __all__ = ["ProviderOps", "KernelLayers"]
 
 class ProviderOps(NamedTuple):
     """A provider's ops, called with the contract's arguments. ``prepare(x)`` returns the
-    input as the provider's kernels read it (e.g. made dense), once per call."""
+    input as the provider's kernels read it (e.g. made dense), once per call.
+    ``detach_stats_input``: the statistics ops take x detached (ops whose autograd is
+    Python's; C++ ones run below autograd and need no detached alias)."""
     stoch_norm_stats: Callable
     batch_group_norm_stats: Callable
     cross_iteration_norm_stats: Callable
     norm_apply: Callable
     prepare: Optional[Callable[[Tensor], Tensor]] = None
+    detach_stats_input: bool = True
 
 
 def batch_norm_eval(x, weight, bias, running_mean, running_var, eps) -> Tensor:
@@ -56,17 +59,20 @@ class KernelLayers:
     def __init__(self, ops: ProviderOps):
         self.ops = ops
 
-    def _prepare(self, x: Tensor) -> Tensor:
-        return x if self.ops.prepare is None else self.ops.prepare(x)
+    def _prepare(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(x for norm_apply, x for the statistics op)."""
+        if self.ops.prepare is not None:
+            x = self.ops.prepare(x)
+        return x, (x.detach() if self.ops.detach_stats_input else x)
 
     def stoch_norm(self, x, weight, bias, running_mean, running_var, mask, training, momentum, eps,
                    update_stats=True, num_batches_tracked=None) -> Tensor:
         """StochNorm: see ``reference.stoch_norm``. Batch-branch channels (``mask``) use this
         batch's statistics, the others the running statistics before this step's update."""
-        x = self._prepare(x)
+        x, x_stats = self._prepare(x)
         if not training:
             return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
-        center, var, red = self.ops.stoch_norm_stats(x.detach(), running_mean, running_var, mask,
+        center, var, red = self.ops.stoch_norm_stats(x_stats, running_mean, running_var, mask,
                                                      _float(momentum), num_batches_tracked, update_stats)
         return self.ops.norm_apply(x, weight, bias, center, var, red, x.shape[1], eps)
 
@@ -74,10 +80,10 @@ class KernelLayers:
                          momentum, eps, update_stats=True, num_batches_tracked=None) -> Tensor:
         """BGN: see ``reference.batch_group_norm``. Batch statistics in training and whenever
         there are no running statistics."""
-        x = self._prepare(x)
+        x, x_stats = self._prepare(x)
         if training or running_mean is None:
             center, var, red = self.ops.batch_group_norm_stats(
-                x.detach(), num_groups, running_mean, running_var, _float(momentum), num_batches_tracked,
+                x_stats, num_groups, running_mean, running_var, _float(momentum), num_batches_tracked,
                 training and update_stats)
         else:
             acc = accumulate_dtype(x)
@@ -89,11 +95,11 @@ class KernelLayers:
                              num_batches_tracked=None) -> Tuple[Tensor, Tensor, Tensor]:
         """The normalisation step of CBN: see ``reference.cross_iteration_norm``. Returns
         ``(y, mu_t, var_t)``, the current batch's statistics being what the window stores."""
-        x = self._prepare(x)
+        x, x_stats = self._prepare(x)
         if not training and running_mean is not None:
             y = batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
             return y, running_mean.detach(), running_var.detach()
         mu_t, var_t, center, var, red = self.ops.cross_iteration_norm_stats(
-            x.detach(), running_mean, running_var, past_mean, past_var, past_keep, _float(momentum),
+            x_stats, running_mean, running_var, past_mean, past_var, past_keep, _float(momentum),
             num_batches_tracked, training and update_stats)
         return self.ops.norm_apply(x, weight, bias, center, var, red, x.shape[1], eps), mu_t, var_t

@@ -24,7 +24,8 @@ __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "PASSES"]
 # The layer functions: the one composition of every provider over these ops.
 if ops is not None:
     _layers = KernelLayers(ProviderOps(ops.stoch_norm_stats, ops.batch_group_norm_stats,
-                                       ops.cross_iteration_norm_stats, ops.norm_apply))
+                                       ops.cross_iteration_norm_stats, ops.norm_apply,
+                                       detach_stats_input=False))  # they run below autograd
     stoch_norm = _layers.stoch_norm
     batch_group_norm = _layers.batch_group_norm
     cross_iteration_norm = _layers.cross_iteration_norm
