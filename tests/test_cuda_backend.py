@@ -29,7 +29,7 @@ from stochnorm_ext.backend import resolve
 
 from conftest import available
 from cpp_backend_suite import *  # noqa: F401,F403  (the shared tests, collected from this module)
-from cpp_backend_suite import make_case, rel_err, run
+from cpp_backend_helpers import make_case, rel_err, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
