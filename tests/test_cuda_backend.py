@@ -1,6 +1,6 @@
 """The CUDA C++ backend (``csrc/cuda/``) against ``stochnorm_ext.reference`` (the executable docs/SPEC.md).
 
-The tests shared with the CPU backend live in tests/cpp_backend_suite.py (every layer,
+The tests shared with the CPU backend live in tests/cpp_backend_suite*.py (every layer,
 dtype, memory format -- misaligned by a storage offset too, so that the kernels take their
 scalar path -- and edge shapes, long rows that the kernels split over many blocks; module
 state over several steps; gradcheck; offset data; the core ops; fuzzed shapes): they are
