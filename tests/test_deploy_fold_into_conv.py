@@ -4,7 +4,8 @@ fold, untraceable models and models in training.
 import pytest
 from torch import nn
 
-from stochnorm_ext import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, StochNorm1d, StochNorm2d, StochNorm3d, fold_into_conv)
+from stochnorm_ext import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, StochNorm1d,
+                           StochNorm2d, StochNorm3d, fold_into_conv)
 
 from deploy_helpers import CL, close, make_input, randomise_affine, train
 

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import stochnorm_ext as se
-from stochnorm_ext import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN, PiecewiseAffine, StochNorm1d, StochNorm2d, StochNorm3d, fold_into_conv, to_batchnorm)
+from stochnorm_ext import (BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d, Conv2dCBN,
+                           PiecewiseAffine, StochNorm1d, StochNorm2d, StochNorm3d, fold_into_conv,
+                           to_batchnorm)
 
 from deploy_helpers import CL, DEVICES, close, make_input, our_hooks, our_layers, randomise_affine, train
 

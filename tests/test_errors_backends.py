@@ -1,5 +1,5 @@
-"""Backends that do not exist or cannot run here (docs/SPEC.md, shared rules): the right exception, a message naming what was
-expected and what was given, and no state touched by the failed call.
+"""Backends that do not exist or cannot run here (docs/SPEC.md, shared rules): the right exception,
+a message naming what was expected and what was given, and no state touched by the failed call.
 And ``backends()``'s report of them.
 """
 import pytest

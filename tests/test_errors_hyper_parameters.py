@@ -1,5 +1,5 @@
-"""Bad hyper-parameters (docs/SPEC.md, shared rules): the right exception, a message naming what was
-expected and what was given, and no state touched by the failed call.
+"""Bad hyper-parameters (docs/SPEC.md, shared rules): the right exception, a message naming what
+was expected and what was given, and no state touched by the failed call.
 p, num_groups, window, burnin, eps, momentum, rho, StochNorm's running statistics and mask;
 the functional forms' eps like F.batch_norm's.
 """

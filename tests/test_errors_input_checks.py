@@ -1,5 +1,5 @@
-"""Bad input at call time (docs/SPEC.md, shared rules): the right exception, a message naming what was
-expected and what was given, and no state touched by the failed call.
+"""Bad input at call time (docs/SPEC.md, shared rules): the right exception, a message naming what
+was expected and what was given, and no state touched by the failed call.
 The input's dims, channels, dtype and device; the functional forms' tensors on different
 devices and CBN's conv arguments; CBN's input and its bound conv, and ``bind``'s argument.
 """

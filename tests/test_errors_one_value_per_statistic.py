@@ -1,5 +1,5 @@
-"""One value per statistic in training (docs/SPEC.md, shared rules): the right exception, a message naming what was
-expected and what was given, and no state touched by the failed call.
+"""One value per statistic in training (docs/SPEC.md, shared rules): the right exception, a message
+naming what was expected and what was given, and no state touched by the failed call.
 Every layer (CBN with and without a window) and the functional forms.
 """
 import pytest

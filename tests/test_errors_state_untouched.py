@@ -1,5 +1,5 @@
-"""State a failed call must leave alone (docs/SPEC.md, shared rules): the right exception, a message naming what was
-expected and what was given, and no state touched by the failed call.
+"""State a failed call must leave alone (docs/SPEC.md, shared rules): the right exception, a
+message naming what was expected and what was given, and no state touched by the failed call.
 StochNorm's failed call does not advance the global RNG; the functional CBN's window is
 checked with the other arguments, before the running statistics or the window change.
 """
