@@ -75,6 +75,12 @@ def run_steps(model, inputs, autocast=None, seed=0):
         opt.zero_grad()
     return record, {k: v.clone() for k, v in model.state_dict().items()}
 
+def assert_relative_error(actual, expected, tol, what=""):
+    """||actual - expected|| <= tol * ||expected|| (a whole-tensor criterion)."""
+    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)
+    assert error <= tol, f"{what}: relative error {error:.3g} > {tol}"
+
+
 # --------------------------------------------------------------------------- converted ResNet-18s
 # BGN with both groupings: 2 pieces per channel for the 64/128-channel layers (spatial
 # sizes 16x16 and 8x8 here), groups of 32 channels for the 256/512-channel ones.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import available
-from integration_helpers import CPU_BACKENDS, LAYER_NAMES, conv_norm_relu, needs_cuda, run_steps
+from integration_helpers import CPU_BACKENDS, LAYER_NAMES, assert_relative_error, conv_norm_relu, needs_cuda, run_steps
 
 
 # --------------------------------------------------------------------------- autocast
@@ -24,12 +24,6 @@ def test_batchnorm_autocast_policy_on_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(torch.randn(2, 3, 5, 5)).dtype == torch.bfloat16
     assert all(t.dtype in (torch.float32, torch.long) for t in model.state_dict().values())
-
-
-def _assert_relative_error(actual, expected, tol, what=""):
-    """||actual - expected|| <= tol * ||expected|| (a whole-tensor criterion)."""
-    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)
-    assert error <= tol, f"{what}: relative error {error:.3g} > {tol}"
 
 
 def _check_autocast(name, backend, device, dtype):
@@ -48,17 +42,17 @@ def _check_autocast(name, backend, device, dtype):
     torch.testing.assert_close(y.float(), y32, rtol=0.02, atol=0.02)
     # Gradients: bfloat16 rounding of the conv output and a few flipped ReLU signs make
     # them noisier (nn.BatchNorm2d shows the same), so compare them as a whole.
-    _assert_relative_error(gx.float(), gx32, 0.1)
+    assert_relative_error(gx.float(), gx32, 0.1)
     for g, g32 in zip(grads, grads32):
         assert g.dtype == torch.float32
-        _assert_relative_error(g, g32, 0.1)
+        assert_relative_error(g, g32, 0.1)
     params = dict(model.named_parameters())
     for key, value in state_mixed.items():
         assert value.dtype == state_full[key].dtype, key  # parameters and buffers stay float32
         if key in params:  # updated with the gradients compared above
             continue
         if value.is_floating_point():  # running statistics, CBN's window
-            _assert_relative_error(value.double(), state_full[key].double(), 0.01)
+            assert_relative_error(value.double(), state_full[key].double(), 0.01)
         else:
             assert torch.equal(value, state_full[key]), key
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import stochnorm_ext as sx
 
-from integration_helpers import CPU_BACKENDS, IMAGE, converted_resnet
+from integration_helpers import CPU_BACKENDS, IMAGE, assert_relative_error, converted_resnet
 
 
 def _loss(model, x, target):
@@ -45,10 +45,10 @@ def _assert_same_training(a, b, tol):
     torch.testing.assert_close(torch.stack(losses_a), torch.stack(losses_b), rtol=tol, atol=tol)
     for ga, gb in zip(grads_a, grads_b):
         for name in ga:
-            _assert_relative_error(gb[name], ga[name], tol, name)
+            assert_relative_error(gb[name], ga[name], tol, name)
     for key in state_a:
         if state_a[key].is_floating_point():
-            _assert_relative_error(state_b[key], state_a[key], tol, key)
+            assert_relative_error(state_b[key], state_a[key], tol, key)
         else:
             assert torch.equal(state_a[key], state_b[key]), key
 
