@@ -1,6 +1,6 @@
 """The C++ CPU backend (``csrc/cpu/``) against ``stochnorm_ext.reference`` (the executable docs/SPEC.md).
 
-The tests shared with the CUDA backend live in tests/cpp_backend_suite.py (every layer,
+The tests shared with the CUDA backend live in tests/cpp_backend_suite*.py (every layer,
 dtype, memory format and a set of edge shapes; module state over several steps; gradcheck;
 offset data; the core ops; fuzzed shapes): they are imported here and run with the ``cpu``
 backend on CPU tensors through the ``device`` fixture below. Here besides: the default

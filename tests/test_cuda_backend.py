@@ -1,6 +1,6 @@
 """The CUDA C++ backend (``csrc/cuda/``) against ``stochnorm_ext.reference`` (the executable docs/SPEC.md).
 
-The tests shared with the CPU backend live in tests/cpp_backend_suite.py (every layer,
+The tests shared with the CPU backend live in tests/cpp_backend_suite*.py (every layer,
 dtype, memory format -- misaligned by a storage offset too, so that the kernels take their
 scalar path -- and edge shapes, long rows that the kernels split over many blocks; module
 state over several steps; gradcheck; offset data; the core ops; fuzzed shapes): they are
@@ -29,7 +29,7 @@ from stochnorm_ext.backend import resolve
 
 from conftest import available
 from cpp_backend_suite import *  # noqa: F401,F403  (the shared tests, collected from this module)
-from cpp_backend_suite import make_case, rel_err, run
+from cpp_backend_helpers import make_case, rel_err, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
