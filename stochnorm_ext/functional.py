@@ -64,29 +64,23 @@ def _common_checks(layer, x, weight, bias, running_mean, running_var, stats_shap
     _checks.check_eps(eps, training)
 
 
-def _empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """N == 0: an empty output still connected to the graph of x, weight and bias."""
-    return finish(affine(x.to(accumulate_dtype(x)), weight, bias), x)
-
-
 def _empty_step(x, weight, bias, training, update_stats, num_batches_tracked) -> Tensor:
-    """N == 0 (not synchronised): nothing to normalise; a training step still counts in
-    ``num_batches_tracked``, as in nn.BatchNorm*d."""
+    """N == 0 (not synchronised): nothing to normalise, an empty output still connected to the
+    graph of x, weight and bias; a training step still counts in ``num_batches_tracked``, as
+    in nn.BatchNorm*d."""
     if training and update_stats and num_batches_tracked is not None:
         with torch.no_grad():
             num_batches_tracked.add_(1)
-    return _empty_output(x, weight, bias)
+    return finish(affine(x.to(accumulate_dtype(x)), weight, bias), x)
 
 
 def _syncing(sync: bool, process_group, training: bool, layer: str) -> bool:
     """Whether this call synchronises its statistics (training with ``sync=True`` only);
     raises before anything changes when it should but cannot."""
-    if sync is False or not training:
-        if not isinstance(sync, bool):
-            raise TypeError(f"{layer}: sync must be a bool, got {type(sync).__name__}")
-        return False
     if not isinstance(sync, bool):
         raise TypeError(f"{layer}: sync must be a bool, got {type(sync).__name__}")
+    if not (sync and training):
+        return False
     distributed.check_ready(process_group, layer)
     return True
 

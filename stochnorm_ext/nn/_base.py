@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..backend import ENV_VAR
+from ..backend import BACKEND_NAMES, ENV_VAR
 
 
 def _may_be_recomputed() -> bool:
@@ -60,7 +60,6 @@ class _NormBase(nn.Module):
 
     _version = 2
     _allowed_dims = (4,)
-    _layer_name = "norm"
 
     def __init__(self, num_features: int, stats_size: int, eps: float, momentum: Optional[float],
                  affine: bool, track_running_stats: bool, backend: Optional[str],
@@ -70,7 +69,6 @@ class _NormBase(nn.Module):
         _checks.check_eps(eps)
         _checks.check_momentum(momentum)
         if backend is not None:
-            from ..backend import BACKEND_NAMES
             if backend not in BACKEND_NAMES:
                 raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
         self.num_features = num_features

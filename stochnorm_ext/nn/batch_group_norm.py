@@ -8,6 +8,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import _checks
+from .._rules import grouping
 from ..backend import resolve
 from ..functional import run_batch_group_norm
 from ._base import rank_variants, _in_backward_recompute, _NormBase
@@ -54,22 +55,22 @@ class _BatchGroupNorm(_NormBase):
 
     def _pieces_fit(self, input: Tensor) -> bool:
         """With G = m C, each channel's positions split into m equal pieces."""
-        pieces = self.num_groups // self.num_features
-        return pieces <= 1 or math.prod(input.shape[2:]) % pieces == 0
+        pieces = grouping(self.num_features, self.num_groups).pieces
+        return pieces == 1 or math.prod(input.shape[2:]) % pieces == 0
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_groups={self.num_groups}, " + super().extra_repr().split(", ", 1)[1]
 
     def forward(self, input: Tensor) -> Tensor:
         rm, w = self.running_mean, self.weight  # module attribute reads cost: once per call
-        if self._plain_call(input, rm, w) and self._pieces_fit(input) and input.numel() >= 2 * self.num_groups \
-                and not (self.training and _in_backward_recompute()):
+        # A recomputation under activation checkpointing changes no state (one step, once).
+        update = not (self.training and _in_backward_recompute())
+        if update and self._plain_call(input, rm, w) and self._pieces_fit(input) \
+                and input.numel() >= 2 * self.num_groups:
             # Nothing left to check (eval: one apply; training: statistics op, apply).
             return resolve(self.backend, input.device).batch_group_norm(
                 input, self.num_groups, w, self.bias, rm, self.running_var, self.training, self.momentum,
                 self.eps, True, self.num_batches_tracked if self.training else None)
-        # A recomputation under activation checkpointing changes no state (one step, once).
-        update = not (self.training and _in_backward_recompute())
         return run_batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
                                  self.weight, self.bias, self.training, self.momentum, self.eps,
                                  self.backend, update, self.sync, self.process_group,
