@@ -168,7 +168,7 @@ def _resolve(backend: Optional[str], device: torch.device):
         backend = os.environ.get(ENV_VAR) or None
     if backend is None:
         for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
-            if _supports(name, device) and _load(name) is not None:
+            if runs_on(name, device) and _load(name) is not None:
                 return _loaded[name]
         return _load("reference")
     if backend not in BACKEND_NAMES:
@@ -176,7 +176,7 @@ def _resolve(backend: Optional[str], device: torch.device):
     module = _load(backend)
     if module is None:
         raise RuntimeError(f"backend {backend!r} is not available: {_missing[backend]}")
-    if not _supports(backend, device):
+    if not runs_on(backend, device):
         raise RuntimeError(f"backend {backend!r} does not run on {device.type} tensors")
     return module
 
@@ -185,10 +185,6 @@ def runs_on(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` runs on tensors of ``device`` at all (installed or not):
     the reference everywhere, cpu on CPU, cuda on CUDA, triton on CUDA (and on CPU tensors
     only under the interpreter)."""
-    return _supports(name, device)
-
-
-def _supports(name: str, device: torch.device) -> bool:
     devices = _DEVICES[name]
     if devices is None:
         return True
@@ -216,8 +212,9 @@ def _onnx_exporting() -> bool:
 
 
 def resolve_for_call(backend, x: Tensor, running_mean, running_var, updates_running: bool, layer: str):
-    """The backend module a layer call runs on (``resolve``, then the exceptions). Inside ``torch.func`` transforms (grad, vjp, jacrev,
-    vmap, ...) and ``torch.onnx.export`` that is the reference: the kernels' custom ops have
+    """The backend module a layer call runs on (``resolve``, then the exceptions). Inside
+    ``torch.func`` transforms (grad, vjp, jacrev, vmap, ...) and ``torch.onnx.export`` that is
+    the reference: the kernels' custom ops have
     no functorch rules and no ONNX translation, plain PyTorch ops have both (the reference
     is what every backend is tested against; in eval it is BatchNorm's per-channel affine
     map, BGN's per-group one). Like ``nn.BatchNorm*d``, vmap refuses to update unbatched
