@@ -131,12 +131,15 @@ def main():
                         kf = kernels(lambda: m(x))
                         kb = kernels(lambda: torch.autograd.grad(y, [x] + list(m.parameters()), dy.to(y.dtype),
                                                                  retain_graph=True))
+                        del y  # its graph holds AccumulateGrad nodes made on this stream: capture breaks
                         key = (kind, backend, fmt)
                         if key not in listed:
                             listed.add(key)
                             print(f"# {kind}/{backend} {fmt}: fwd {[short(n) for n in kf]}")
                             print(f"# {kind}/{backend} {fmt}: bwd {[short(n) for n in kb]}")
                     eager = eager_us(step)
+                    for t in [x] + list(m.parameters()):
+                        t.grad = None
                     try:
                         graphed = graph_us(step)
                     except Exception as exc:  # noqa: BLE001  (reported, the probe goes on)

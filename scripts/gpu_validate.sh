@@ -102,7 +102,7 @@ for be in ("cuda", "triton"):
         print(be, "UNAVAILABLE", sx.backends()[be]); continue
     for fmt in (torch.contiguous_format, torch.channels_last):
         for m in (sx.StochNorm2d(8, p=1.0, backend=be), sx.BatchGroupNorm2d(8, num_groups=8, backend=be)):
-            xi = x.contiguous(memory_format=fmt).requires_grad_()
+            xi = x.detach().contiguous(memory_format=fmt).requires_grad_()
             y = m.cuda()(xi); y.sum().backward(); torch.cuda.synchronize()
             print(be, type(m).__name__, fmt, "max|y - F.batch_norm|", f"{(y - ref).abs().max().item():.2e}",
                   "finite grad", bool(xi.grad.isfinite().all()))

@@ -14,7 +14,7 @@ collective runs in eval). Every process of the group must run the layer's traini
 forward (and backward) the same number of times, as with any collective.
 
 torch.compile: synchronised layers compile with ``fullgraph=True`` (tested with
-``aot_eager``). Every collective is a functional one (``all_gather_single``, ``all_reduce`` of
+``aot_eager``). Every collective is a functional one (``all_gather_tensor``, ``all_reduce`` of
 ``torch.distributed._functional_collectives``): dynamo traces it into the graph, eagerly it
 runs as an ordinary collective; the backward's all-reduce lands in the compiled backward
 graph. The value count stays a tensor, so the only host read of a training step is eager's
@@ -145,7 +145,7 @@ def _global_moments(x: Tensor, pieces: int, k: int, passes, process_group, layer
     # Detached: the all-gather is differentiable, but the gradient through the statistics is
     # _SyncNormApply's (its own all-reduce); the functional collective is one dynamo traces.
     payload = torch.cat(parts).detach()
-    table = _funcol().all_gather_single(payload.unsqueeze(0), 0, _group(process_group))  # (W, 1 + 2CP [+ extra])
+    table = _funcol().all_gather_tensor(payload.unsqueeze(0), 0, _group(process_group))  # (W, 1 + 2CP [+ extra])
     segs = C * pieces
     counts = table[:, 0].view(-1, 1, 1)
     means = table[:, 1:1 + segs].view(-1, segs // k, k)

@@ -62,7 +62,7 @@ def _case_inputs(layer: str, device, shape=(4, 16, 6, 6)):
         conv_in = r(N, cin, H, W)
         case["x"] = torch.nn.functional.conv2d(conv_in, conv_w, padding=1) + 0.5
         case["conv_input"], case["conv_weight"] = conv_in, conv_w
-        win = CBNWindow.empty(K + 1, C, conv_w.shape, 1, dtype=torch.float64)
+        win = CBNWindow.empty(K + 1, C, conv_w.shape, 1, dtype=torch.float64, device=device)
         win.mean.copy_(case["x"].mean((0, 2, 3)) + 0.05 * r(K, C))
         win.var.copy_(case["x"].var((0, 2, 3)) * (1 + 0.1 * r(K, C).abs()))
         win.dmu.copy_(0.01 * r(*win.dmu.shape))

@@ -376,7 +376,9 @@ def test_shared_batchnorm_fed_by_two_convs(traceable):
 def test_batchnorm_without_bias_gains_no_parameter(kind, options):
     # nn.BatchNorm2d(C, bias=False) has a scale and no shift: the converted model (and its
     # deployed form) must not gain a trainable zero bias.
-    model = _randomize_bns(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, bias=False)))
+    bn = nn.BatchNorm2d(4)
+    bn.bias = None  # what nn.BatchNorm2d(4, bias=False) holds; torch < 2.12 has no such argument
+    model = _randomize_bns(nn.Sequential(nn.Conv2d(3, 4, 1), bn))
     names = [n for n, _ in model.named_parameters()]
     x = torch.randn(2, 3, 4, 4)
     want = model.eval()(x)

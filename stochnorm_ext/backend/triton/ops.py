@@ -181,7 +181,7 @@ def stoch_norm_stats(
     grid, meta, scalars = _finalize_args(p, C, p.splits, x.numel() // C, momentum, update_stats)
     _count_step(x, num_batches_tracked, update_stats)
     if _launches(x):
-        launch(wrap_triton(stoch_norm_finalize_kernel), grid, *parts, mask.view(torch.uint8), center, var,
+        launch(wrap_triton(stoch_norm_finalize_kernel), grid, *parts, mask, center, var,
                red, running_mean, running_var, _running(num_batches_tracked, meta["CUMULATIVE"]), *scalars, **meta)
     return center, var, red
 
@@ -232,7 +232,7 @@ def cross_iteration_norm_stats(
     parts = _segment_stats(p, acc)
     mu_t, var_t, center, var, red = (new(C, acc, x.device) for _ in range(5))
     past = (past_mean.to(acc).contiguous(), past_var.to(acc).contiguous(),
-            past_keep.to(torch.bool).contiguous().view(torch.uint8))
+            past_keep.to(torch.bool).contiguous())
     update = update_stats and running_mean is not None
     grid, meta, scalars = _finalize_args(p, C, p.splits, x.numel() // C, momentum, update)
     _count_step(x, num_batches_tracked, update_stats)
