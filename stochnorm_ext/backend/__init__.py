@@ -99,7 +99,12 @@ def _load(name: str):
 def preload() -> None:
     """Import the backends a default selection can pick, so the first call inside
     ``torch.compile(fullgraph=True)`` does not have to import a module (a graph break).
-    Triton is imported only where it can run (a CUDA device, or the interpreter)."""
+
+    Triton only where a default selection picks it (named by the environment variable, or a
+    CUDA device without the C++ CUDA kernels) and where it can run: defining its ops imports
+    torch._inductor and torch._dynamo with torch 2.11 (seconds), which ``import
+    stochnorm_ext`` must not pay. A layer built with ``backend="triton"`` loads it then
+    (:func:`load`)."""
     import importlib.util
     for name in ("reference", "cpu", "cuda"):
         _load(name)
@@ -107,8 +112,17 @@ def preload() -> None:
         # Said once, at import: everything would silently run on the (slower) reference.
         warnings.warn(f"stochnorm_ext runs on the pure-PyTorch reference: {_missing['cpu']}",
                       RuntimeWarning, stacklevel=2)
-    if _usable_here("triton") is None and importlib.util.find_spec("triton") is not None:
+    picked = os.environ.get(ENV_VAR) == "triton" or (torch.cuda.is_available() and "cuda" not in _loaded)
+    if picked and _usable_here("triton") is None and importlib.util.find_spec("triton") is not None:
         _load("triton")
+
+
+def load(name: str) -> None:
+    """Import backend ``name`` now, outside any compiled region, so that a later call under
+    ``torch.compile(fullgraph=True)`` finds it loaded. Whether it is available is said when a
+    call resolves it (:func:`resolve`)."""
+    if name in _MODULES and _usable_here(name) is None:
+        _load(name)
 
 
 def _usable_here(name: str) -> Optional[str]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..backend import BACKEND_NAMES, ENV_VAR
+from ..backend import BACKEND_NAMES, ENV_VAR, load as load_backend
 
 
 def _may_be_recomputed() -> bool:
@@ -71,6 +71,7 @@ class _NormBase(nn.Module):
         if backend is not None:
             if backend not in BACKEND_NAMES:
                 raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+            load_backend(backend)  # now, not at a first call that torch.compile may be tracing
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
