@@ -47,6 +47,12 @@ def batch_norm_eval(x, weight, bias, running_mean, running_var, eps) -> Tensor:
     return F.batch_norm(x, params[0], params[1], params[2], params[3], False, 0.0, eps)
 
 
+def _constant(t: Tensor, dtype) -> Tensor:
+    """A running statistic as the constant statistics table of ``norm_apply``: in ``dtype``,
+    outside autograd (the buffer itself when it already is: no op per call)."""
+    return t if t.dtype is dtype and not t.requires_grad else t.detach().to(dtype)
+
+
 def _float(momentum) -> Optional[float]:
     """The ops take ``float?``: an int momentum (0 or 1) as a float, None as None."""
     return None if momentum is None else float(momentum)
@@ -80,14 +86,16 @@ class KernelLayers:
                          momentum, eps, update_stats=True, num_batches_tracked=None) -> Tensor:
         """BGN: see ``reference.batch_group_norm``. Batch statistics in training and whenever
         there are no running statistics."""
-        x, x_stats = self._prepare(x)
-        if training or running_mean is None:
-            center, var, red = self.ops.batch_group_norm_stats(
-                x_stats, num_groups, running_mean, running_var, _float(momentum), num_batches_tracked,
-                training and update_stats)
-        else:
+        if not training and running_mean is not None:  # one apply with constant statistics
+            if self.ops.prepare is not None:
+                x = self.ops.prepare(x)
             acc = accumulate_dtype(x)
-            center, var, red = running_mean.detach().to(acc), running_var.detach().to(acc), None
+            return self.ops.norm_apply(x, weight, bias, _constant(running_mean, acc),
+                                       _constant(running_var, acc), None, num_groups, eps)
+        x, x_stats = self._prepare(x)
+        center, var, red = self.ops.batch_group_norm_stats(
+            x_stats, num_groups, running_mean, running_var, _float(momentum), num_batches_tracked,
+            training and update_stats)
         return self.ops.norm_apply(x, weight, bias, center, var, red, num_groups, eps)
 
     def cross_iteration_norm(self, x, weight, bias, running_mean, running_var, past_mean, past_var,
