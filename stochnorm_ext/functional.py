@@ -99,13 +99,11 @@ def _route(layer, backend, x, running_mean, running_var, training, update, sync,
 
 def draw_mask(num_features: int, p: float, device=None, generator: Optional[torch.Generator] = None
               ) -> Tensor:
-    """StochNorm's per-channel branch choice: ``rand(C) < p`` with the PyTorch generator
-    (the default one, or ``generator``) on ``device``; True selects the batch branch."""
+    """StochNorm's per-channel branch choice: one Bernoulli(``p``) draw per channel,
+    ``torch.empty(C, dtype=torch.bool).bernoulli_(p)`` with the PyTorch generator (the
+    default one, or ``generator``) on ``device``; True selects the batch branch."""
     _checks.check_hyper("p", p, low=0.0, high=1.0)
     return _draw_mask(num_features, p, device, generator)
-
-
-_THRESHOLDS: dict = {}
 
 
 def _draw_mask(num_features: int, p: float, device, generator) -> Tensor:
@@ -113,12 +111,8 @@ def _draw_mask(num_features: int, p: float, device, generator) -> Tensor:
         return torch.ones(num_features, dtype=torch.bool, device=device)
     if p <= 0.0:
         return torch.zeros(num_features, dtype=torch.bool, device=device)
-    # p as a 0-dim float64 CPU tensor compares exactly as the Python float does (no type
-    # promotion: the draws keep their dtype) without wrapping the scalar on every call.
-    threshold = _THRESHOLDS.get(p)
-    if threshold is None:
-        threshold = _THRESHOLDS[p] = torch.tensor(p, dtype=torch.float64)
-    return torch.rand(num_features, device=device, generator=generator) < threshold
+    # One kernel (rand then compare would be two); graph-safe like every torch draw.
+    return torch.empty(num_features, dtype=torch.bool, device=device).bernoulli_(p, generator=generator)
 
 
 def stoch_norm(

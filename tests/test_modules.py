@@ -147,8 +147,8 @@ def test_functional_generator_argument():
     assert torch.equal(torch.get_rng_state(), rng), "an explicit generator must not consume the default one"
     assert torch.equal(y1, y2)
     assert not torch.equal(y1, y3)
-    # the documented draw: rand(C, generator) < p, True = batch branch
-    want_mask = torch.rand(C, generator=torch.Generator().manual_seed(9)) < 0.5
+    # the documented draw: one bool bernoulli_(p) per channel from the generator, True = batch branch
+    want_mask = torch.empty(C, dtype=torch.bool).bernoulli_(0.5, generator=torch.Generator().manual_seed(9))
     want = SF.stoch_norm(x, rm.clone(), rv.clone(), training=True, mask=want_mask, backend=BACKEND)
     assert torch.equal(y1, want)
 

@@ -150,7 +150,7 @@ def build_subject_names(layers: Sequence[str], backends: Sequence[str],
 
 
 def _ours_stoch_norm(x, rm, rv, w, b, backend):
-    # The mask is drawn on the device inside (torch.rand(C) < p), as the module does.
+    # The mask is drawn on the device inside (one bool bernoulli_(p) draw), as the module does.
     return SF.stoch_norm(x, rm, rv, w, b, training=True, momentum=MOMENTUM, eps=EPS, p=STOCH_P,
                          backend=backend)
 

@@ -18,8 +18,9 @@ class _StochNorm(_NormBase):
 
     Two branches per channel in training: the batch branch normalises with this batch's
     statistics, the moving branch with the running statistics as they were before this
-    step. One Bernoulli(``p``) draw per channel and forward call (``torch.rand(C) < p``
-    with the default PyTorch generator on the input's device, so ``torch.manual_seed``
+    step. One Bernoulli(``p``) draw per channel and forward call
+    (``torch.empty(C, dtype=torch.bool).bernoulli_(p)``, one kernel, with the default
+    PyTorch generator on the input's device, so ``torch.manual_seed``
     reproduces a run) picks the batch branch with probability ``p``. The running
     statistics are updated once per step from the batch statistics, whatever the mask.
     Eval is BatchNorm with the running statistics. ``p = 1`` is BatchNorm; ``p = 0``
