@@ -168,17 +168,23 @@ JACOBIAN_CONVS = {
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("route", ["unfold", "weight_grad"])
 @pytest.mark.parametrize("batch_mean", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("name", list(JACOBIAN_CONVS))
-def test_conv_jacobians_equal_autograd(name, channels_last, batch_mean, monkeypatch):
+def test_conv_jacobians_equal_autograd(name, channels_last, batch_mean, route, monkeypatch):
     """dmu = d mean(x_c)/dW_c and dvar = d mean((x_c - mu_c)^2)/dW_c with mu a constant, float64,
     against torch.autograd: mu not the batch mean (sync passes the group's), or the batch
-    mean with ``mu_is_batch_mean=True``."""
+    mean with ``mu_is_batch_mean=True``; on both routes of a general conv (products with the
+    unfolded input for small inputs, conv weight-gradients beyond)."""
     routes = []
     pointwise = sx.cbn_window._pointwise_jacobians
     monkeypatch.setattr(sx.cbn_window, "_pointwise_jacobians",
                         lambda *args: routes.append("pointwise") or pointwise(*args))
+    unfolded = sx.cbn_window._unfolded_jacobians
+    monkeypatch.setattr(sx.cbn_window, "_unfolded_jacobians",
+                        lambda *args: routes.append("unfold") or unfolded(*args))
+    monkeypatch.setattr(sx.cbn_window, "UNFOLD_ELEMENTS", 1 << 16 if route == "unfold" else 0)
     torch.manual_seed(0)
     conv = nn.Conv2d(**JACOBIAN_CONVS[name]).double()
     inp = torch.randn(3, conv.in_channels, 7, 6, dtype=torch.float64) * 1.5 + 0.4
@@ -196,8 +202,8 @@ def test_conv_jacobians_equal_autograd(name, channels_last, batch_mean, monkeypa
                                              mu_is_batch_mean=batch_mean)
     torch.testing.assert_close(dvar, dvar_ref, **TIGHT)
     torch.testing.assert_close(dmu.repeat_interleave(C // G, 0), dmu_ref, **TIGHT)
-    expected = name.startswith("pointwise") and name not in ("pointwise_reduce", "pointwise_padded")
-    assert routes == (["pointwise"] if expected else [])
+    pointwise_route = name.startswith("pointwise") and name not in ("pointwise_reduce", "pointwise_padded")
+    assert routes == (["pointwise"] if pointwise_route else ["unfold"] if route == "unfold" else [])
 
 
 def test_pointwise_conv_jacobians_float32_at_a_large_offset():
