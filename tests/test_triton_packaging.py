@@ -162,3 +162,21 @@ def test_over_2_to_the_31_elements_cuda():
     var, mean = torch.var_mean(tail, dim=(0, 2, 3), correction=0)
     want = (tail - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + 1e-5).view(1, -1, 1, 1)
     assert (y[:, -2:].float() - want).abs().max().item() < 0.05
+
+
+def test_a_layer_naming_triton_loads_it_when_built():
+    """``import stochnorm_ext`` loads the Triton backend only where a default selection picks
+    it (its op definitions import torch._inductor with torch 2.11); a layer built with
+    ``backend="triton"`` loads it then, not at its first call, which torch.compile may be
+    tracing."""
+    code = ("import stochnorm_ext, torch; from stochnorm_ext import backend as b; "
+            "before = 'triton' in b._loaded; stochnorm_ext.StochNorm2d(4, backend='triton'); "
+            "print(before, 'triton' in b._loaded)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("STOCHNORM_EXT_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, after = out.stdout.split()[-2:]
+    assert after == "True"
+    if not torch.cuda.is_available():
+        assert before == "False"
