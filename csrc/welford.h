@@ -10,10 +10,10 @@
 namespace stochnorm_ext::welford {
 
 // Fold the moments (count_b, mean_b, m2_b) of another set of values into (count, mean, m2).
-// An empty set (count_b == 0) changes nothing; merging into an empty set copies the other.
-// Merging into an empty set copies the other outright: the formula would give the same
-// finite values, but on an overflowing set (|mean| > sqrt(max), e.g. float32 values of 1e20)
-// its delta * delta * 0 is inf * 0 = NaN, where BatchNorm gives an inf variance.
+// An empty set (count_b == 0) changes nothing; merging into an empty set copies the other
+// outright: the formula would give the same finite values, but on an overflowing set
+// (|mean| > sqrt(max), e.g. float32 values of 1e20) its delta * delta * 0 is inf * 0 = NaN,
+// where BatchNorm gives an inf variance.
 template <typename T>
 C10_HOST_DEVICE inline void chan_merge(T& count, T& mean, T& m2, T count_b, T mean_b, T m2_b) {
   if (count_b == T(0)) return;

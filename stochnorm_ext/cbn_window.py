@@ -184,8 +184,9 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
         inp = conv_input.detach().to(acc)
         if any(geometry.input_pad):
             inp = F.pad(inp, geometry.input_pad, mode=geometry.pad_mode)
+        centred = x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)
         if N * Ho * Wo * inp.shape[1] * kh * kw <= UNFOLD_ELEMENTS:
-            return _unfolded_jacobians(inp, x, mu_t, geometry, (kh, kw), acc)
+            return _unfolded_jacobians(inp, centred, geometry, (kh, kw))
         weight = conv_weight.detach().to(acc)  # only its shape (and layout) matter here
 
         def weight_grad(grad_out: Tensor, conv_in: Tensor, w: Tensor) -> Tensor:
@@ -200,7 +201,6 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
         else:
             summed = inp.sum(0, keepdim=True)
         dmu = weight_grad(summed.new_full((1, G, Ho, Wo), 1.0 / M), summed, weight[:G])
-        centred = x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)
         if centred.numel() < weight.numel():  # scale whichever of the two is smaller
             return dmu, weight_grad(centred.mul_(2.0 / M), inp, weight)
         return dmu, weight_grad(centred, inp, weight).mul_(2.0 / M)
@@ -213,19 +213,20 @@ def conv_jacobians(conv_input: Tensor, conv_weight: Tensor, x: Tensor, mu_t: Ten
 UNFOLD_ELEMENTS = 1 << 16
 
 
-def _unfolded_jacobians(inp: Tensor, x: Tensor, mu_t: Tensor, geometry: ConvGeometry,
-                        kernel: Tuple[int, int], acc: torch.dtype) -> Tuple[Tensor, Tensor]:
+def _unfolded_jacobians(inp: Tensor, centred: Tensor, geometry: ConvGeometry,
+                        kernel: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
     """:func:`conv_jacobians` as products with the unfolded (im2col) input ``cols``: with
     ``M = N * positions``, ``dmu[g] = sum(cols_g) / M`` and
-    ``dvar[c] = 2 / M * sum((x_c - mu_c) * cols_g(c))`` over images and positions."""
-    N, C, Ho, Wo = x.shape
+    ``dvar[c] = 2 / M * sum(centred_c * cols_g(c))`` over images and positions, ``centred``
+    being ``x - mu`` (N, C, Ho, Wo)."""
+    N, C, Ho, Wo = centred.shape
     G = geometry.groups
     cols = F.unfold(inp, kernel, dilation=geometry.dilation, padding=geometry.padding,
                     stride=geometry.stride)
     cols = cols.view(N, G, -1, Ho * Wo)                       # (N, G, Cin/G kh kw, positions)
     M = N * Ho * Wo
     dmu = cols.sum((0, 3)).div_(M).view(G, -1, *kernel)
-    centred = (x.detach().to(acc) - mu_t.to(acc).view(1, C, 1, 1)).view(N, G, C // G, Ho * Wo)
+    centred = centred.view(N, G, C // G, Ho * Wo)
     dvar = torch.matmul(centred, cols.transpose(2, 3)).sum(0).mul_(2.0 / M)  # (G, C/G, Cin/G kh kw)
     return dmu, dvar.view(C, -1, *kernel)
 

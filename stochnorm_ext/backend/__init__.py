@@ -113,8 +113,8 @@ def preload() -> None:
         warnings.warn(f"stochnorm_ext runs on the pure-PyTorch reference: {_missing['cpu']}",
                       RuntimeWarning, stacklevel=2)
     picked = os.environ.get(ENV_VAR) == "triton" or (torch.cuda.is_available() and "cuda" not in _loaded)
-    if picked and _usable_here("triton") is None and importlib.util.find_spec("triton") is not None:
-        _load("triton")
+    if picked and importlib.util.find_spec("triton") is not None:
+        load("triton")
 
 
 def load(name: str) -> None:

@@ -87,8 +87,7 @@ class KernelLayers:
         """BGN: see ``reference.batch_group_norm``. Batch statistics in training and whenever
         there are no running statistics."""
         if not training and running_mean is not None:  # one apply with constant statistics
-            if self.ops.prepare is not None:
-                x = self.ops.prepare(x)
+            x, _ = self._prepare(x)
             acc = accumulate_dtype(x)
             return self.ops.norm_apply(x, weight, bias, _constant(running_mean, acc),
                                        _constant(running_var, acc), None, num_groups, eps)

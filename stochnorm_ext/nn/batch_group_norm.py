@@ -66,15 +66,13 @@ class _BatchGroupNorm(_NormBase):
         training = self.training
         # A recomputation under activation checkpointing changes no state (one step, once).
         update = not (training and _in_backward_recompute())
-        if update and self._plain_call(input, rm, w) and self._pieces_fit(input):
+        # Values needed: eval with running statistics one; batch statistics two per group.
+        needed = 1 if not training and rm is not None else 2 * self.num_groups
+        if update and self._plain_call(input, rm, w) and self._pieces_fit(input) and input.numel() >= needed:
             # Nothing left to check (eval: one apply; training: statistics op, apply).
-            if not training and rm is not None and input.numel() > 0:
-                return resolve(self.backend, input.device).batch_group_norm(
-                    input, self.num_groups, w, self.bias, rm, self.running_var, False, None, self.eps)
-            if input.numel() >= 2 * self.num_groups:
-                return resolve(self.backend, input.device).batch_group_norm(
-                    input, self.num_groups, w, self.bias, rm, self.running_var, training, self.momentum,
-                    self.eps, True, self.num_batches_tracked if training else None)
+            return resolve(self.backend, input.device).batch_group_norm(
+                input, self.num_groups, w, self.bias, rm, self.running_var, training, self.momentum,
+                self.eps, True, self.num_batches_tracked if training else None)
         return run_batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
                                  self.weight, self.bias, self.training, self.momentum, self.eps,
                                  self.backend, update, self.sync, self.process_group,
