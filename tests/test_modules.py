@@ -337,3 +337,45 @@ def test_backend_environment_variable(monkeypatch):
     # an explicit argument wins over the variable
     monkeypatch.setenv("STOCHNORM_EXT_BACKEND", "no-such-backend")
     assert sx.StochNorm2d(4, backend="reference")(torch.randn(2, 4, 2, 2)).shape == (2, 4, 2, 2)
+
+
+def test_backend_environment_variable_read_at_every_call(monkeypatch):
+    """The variable is read at each call (set or unset between two calls of one layer), and
+    an empty value means unset."""
+    layer = sx.BatchGroupNorm2d(4, 2)
+    x = torch.randn(2, 4, 2, 2)
+    monkeypatch.setenv("STOCHNORM_EXT_BACKEND", "")
+    layer(x)
+    monkeypatch.setenv("STOCHNORM_EXT_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="no-such-backend"):
+        layer(x)
+    monkeypatch.delenv("STOCHNORM_EXT_BACKEND")
+    layer(x)
+
+
+@pytest.mark.parametrize("kind", ["stoch", "bgn", "cbn"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parametrized_weight_and_buffer_are_read(kind, training):
+    """A parametrized weight and running mean (torch.nn.utils.parametrize) are what the layer
+    uses, on every path (the layers read their tensors from the parameter and buffer dicts
+    where they are there)."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    make = {"stoch": lambda: sx.StochNorm2d(6, p=1.0), "bgn": lambda: sx.BatchGroupNorm2d(6, 3),
+            "cbn": lambda: sx.CrossIterationBatchNorm2d(6, window=1)}[kind]
+    torch.manual_seed(0)
+    plain, para = make(), make()
+    _randomize(plain)
+    para.load_state_dict(plain.state_dict())
+    parametrize.register_parametrization(para, "weight", Double())
+    parametrize.register_parametrization(para, "running_mean", Double(), unsafe=True)
+    with torch.no_grad():
+        plain.weight.mul_(2)
+        plain.running_mean.mul_(2)
+    plain.train(training), para.train(training)
+    x = torch.randn(3, 6, 4, 4)
+    torch.testing.assert_close(para(x), plain(x))

@@ -65,6 +65,21 @@ _PACKAGE = __package__.rpartition(".")[0]  # stochnorm_ext
 # Device types each backend runs on ("triton" runs on CPU tensors only under the interpreter).
 _DEVICES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
 
+def env_backend() -> Optional[str]:
+    """The backend ``STOCHNORM_EXT_BACKEND`` names (None: unset or empty), read at every call:
+    setting the variable takes effect at the next layer call."""
+    # os.environ.get of an unset variable raises and catches a KeyError inside (about 1.5 us
+    # on a CPU, at every layer call); CPython's os.environ keeps the encoded dict it reads in
+    # ``_data``, where a miss is one lookup. Traced code and anything else: os.environ.get.
+    data = getattr(os.environ, "_data", None)
+    if type(data) is not dict or torch.compiler.is_compiling():
+        return os.environ.get(ENV_VAR) or None
+    value = data.get(_ENV_KEY)
+    return (os.environ.decodevalue(value) or None) if value is not None else None
+
+
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
 _loaded: Dict[str, object] = {}
 _resolved: Dict[tuple, object] = {}
 _missing: Dict[str, str] = {}
@@ -112,7 +127,7 @@ def preload() -> None:
         # Said once, at import: everything would silently run on the (slower) reference.
         warnings.warn(f"stochnorm_ext runs on the pure-PyTorch reference: {_missing['cpu']}",
                       RuntimeWarning, stacklevel=2)
-    picked = os.environ.get(ENV_VAR) == "triton" or (torch.cuda.is_available() and "cuda" not in _loaded)
+    picked = env_backend() == "triton" or (torch.cuda.is_available() and "cuda" not in _loaded)
     if picked and importlib.util.find_spec("triton") is not None:
         load("triton")
 
@@ -167,7 +182,7 @@ def resolve(backend: Optional[str], device: torch.device):
     known backend that is not available or does not run on this device.
     """
     if backend is None:
-        backend = os.environ.get(ENV_VAR) or None
+        backend = env_backend()
     key = (backend, device.type)
     module = _resolved.get(key)
     # Every layer call resolves its backend: remember successes (what is loaded does not
@@ -179,7 +194,7 @@ def resolve(backend: Optional[str], device: torch.device):
 
 def _resolve(backend: Optional[str], device: torch.device):
     if backend is None:
-        backend = os.environ.get(ENV_VAR) or None
+        backend = env_backend()
     if backend is None:
         for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
             if runs_on(name, device) and _load(name) is not None:

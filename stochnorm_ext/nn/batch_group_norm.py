@@ -62,7 +62,7 @@ class _BatchGroupNorm(_NormBase):
         return f"{self.num_features}, num_groups={self.num_groups}, " + super().extra_repr().split(", ", 1)[1]
 
     def forward(self, input: Tensor) -> Tensor:
-        rm, w = self.running_mean, self.weight  # module attribute reads cost: once per call
+        w, b, rm, rv, count = self._tensors()
         training = self.training
         # A recomputation under activation checkpointing changes no state (one step, once).
         update = not (training and _in_backward_recompute())
@@ -71,13 +71,10 @@ class _BatchGroupNorm(_NormBase):
         if update and self._plain_call(input, rm, w) and self._pieces_fit(input) and input.numel() >= needed:
             # Nothing left to check (eval: one apply; training: statistics op, apply).
             return resolve(self.backend, input.device).batch_group_norm(
-                input, self.num_groups, w, self.bias, rm, self.running_var, training, self.momentum,
-                self.eps, True, self.num_batches_tracked if training else None)
-        return run_batch_group_norm(input, self.num_groups, self.running_mean, self.running_var,
-                                 self.weight, self.bias, self.training, self.momentum, self.eps,
-                                 self.backend, update, self.sync, self.process_group,
-                                 self.num_batches_tracked, type(self).__name__, self.num_features,
-                                 self._allowed_dims)
-
+                input, self.num_groups, w, b, rm, rv, training, self.momentum, self.eps, True,
+                count if training else None)
+        return run_batch_group_norm(input, self.num_groups, rm, rv, w, b, training, self.momentum, self.eps,
+                                 self.backend, update, self.sync, self.process_group, count,
+                                 type(self).__name__, self.num_features, self._allowed_dims)
 
 BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d = rank_variants(_BatchGroupNorm, "BatchGroupNorm")

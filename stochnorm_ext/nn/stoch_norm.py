@@ -67,7 +67,7 @@ class _StochNorm(_NormBase):
                 return y
         name = type(self).__name__
         recompute = self.training and _in_backward_recompute()
-        rm, w = self.running_mean, self.weight  # module attribute reads cost: once per call
+        w, b, rm, rv, count = self._tensors()
         if (self.training and not recompute and self._plain_call(input, rm, w) and 0.0 <= self.p <= 1.0
                 and input.numel() >= 2 * self.num_features):
             # Nothing left to check: draw the mask and run the step on the backend.
@@ -75,20 +75,18 @@ class _StochNorm(_NormBase):
             if _may_be_recomputed():
                 self._stash_step(mask)
             return resolve(self.backend, input.device).stoch_norm(
-                input, w, self.bias, rm, self.running_var, mask, True, self.momentum, self.eps, True,
-                self.num_batches_tracked)
+                input, w, b, rm, rv, mask, True, self.momentum, self.eps, True, count)
         if recompute:
             mask, moving_mean, moving_var = self._stash_take()
-            return run_stoch_norm(input, moving_mean, moving_var, self.weight, self.bias, True, 0.0,
-                               self.eps, self.p, mask, None, self.backend, False, self.sync,
-                               self.process_group, None, None, name, self.num_features, self._allowed_dims)
+            return run_stoch_norm(input, moving_mean, moving_var, w, b, True, 0.0, self.eps, self.p, mask,
+                               None, self.backend, False, self.sync, self.process_group, None, None, name,
+                               self.num_features, self._allowed_dims)
         # The functional form checks everything once, then draws the mask: a call that raises
         # leaves the RNG as it was (like nn.BatchNorm, which draws nothing). It counts the step
         # in num_batches_tracked (an empty batch included, as nn.BatchNorm does).
         stash = self._stash_step if self.training and _may_be_recomputed() else None
-        return run_stoch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                           self.training, self.momentum, self.eps, self.p, None, None, self.backend,
-                           True, self.sync, self.process_group, self.num_batches_tracked, stash, name,
+        return run_stoch_norm(input, rm, rv, w, b, self.training, self.momentum, self.eps, self.p, None,
+                           None, self.backend, True, self.sync, self.process_group, count, stash, name,
                            self.num_features, self._allowed_dims)
 
     def _stash_step(self, mask: Tensor) -> None:
