@@ -61,6 +61,19 @@ TORCH_LIBRARY(stochnorm_ext, m) {
         "Tensor? red, int num_groups, float eps, bool[3] output_mask) "
         "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 
+  // ---- CBN's window (csrc/cbn_window.h; the fields of stochnorm_ext.cbn_window.CBNWindow, K
+  // stored steps of C channels and I weights per channel, Gc conv groups). compensate: the
+  // stored statistics moved to the current conv weight, (K, C) float64, and which entries each
+  // channel keeps. store: this step's entry into the head slot once the burn-in is over (dots:
+  // its given <dmu, W>, <dvar, W>, else computed), then head and step advance.
+  m.def("cbn_window_compensate(Tensor mean, Tensor var, Tensor dmu, Tensor dvar, Tensor dmu_w, "
+        "Tensor dvar_w, Tensor valid, Tensor step, Tensor conv_weight, float rho, int burnin) "
+        "-> (Tensor past_mean, Tensor past_var, Tensor keep)");
+  m.def("cbn_window_store(Tensor(a!) mean, Tensor(b!) var, Tensor(c!) dmu, Tensor(d!) dvar, Tensor(e!) dmu_w, "
+        "Tensor(f!) dvar_w, Tensor(g!) valid, Tensor(h!) head, Tensor(i!) step, Tensor mu_t, Tensor var_t, "
+        "Tensor new_dmu, Tensor new_dvar, Tensor conv_weight, Tensor? dots_mean, Tensor? dots_var, "
+        "int burnin) -> ()");
+
   // ---- Private: device launches since the library was loaded (csrc/common.h), for the tests.
   m.def("_device_launches() -> int", [] { return stochnorm_ext::common::launch_counter().load(); });
 }

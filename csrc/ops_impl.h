@@ -27,6 +27,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cbn_window.h"
 #include "coefficients.h"
 #include "common.h"
 #include "stats_args.h"
@@ -307,6 +308,159 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad_output, cons
 
 #undef STOCHNORM_ACC_DISPATCH
 
+// ======================================================================== CBN's window
+// The two window steps of csrc/cbn_window.h, each one op: the window's tensors (the fields of
+// stochnorm_ext.cbn_window.CBNWindow) as the module holds them.
+
+// A window tensor a step reads or writes through a raw pointer: itself when dense in `dtype`,
+// else a converted copy (written back after the step when the step writes it).
+struct WindowTensor {
+  Tensor work, buf;
+  WindowTensor(const Tensor& t, at::ScalarType dtype) : work(common::dense_as(t, dtype)), buf(t) {}
+  template <typename Launch>
+  void write_back() const {
+    if (!work.is_same(buf)) Launch::copy_back(buf, work);
+  }
+};
+
+// The window's shape, checked against every field and the conv weight (C, Cin/Gc, kh, kw).
+struct WindowCheck {
+  int64_t slots;
+  cbn_window::WindowShape shape;
+  at::ScalarType dtype;  // the steps' T: float64 for a float64 window, else float32
+};
+
+// `head`: checked with the others when given (the store writes it; the compensation does not read it).
+inline WindowCheck check_window(const Tensor& mean, const Tensor& var, const Tensor& dmu, const Tensor& dvar,
+                                const Tensor& dmu_w, const Tensor& dvar_w, const Tensor& valid, const Tensor& step,
+                                const Tensor& conv_weight, const char* op, const Tensor& head = Tensor()) {
+  TORCH_CHECK(mean.dim() == 2 && dmu.dim() == 3 && dvar.dim() == 3, op,
+              ": the window's mean must be (K, C), dmu (K, Gc, I) and dvar (K, C, I), got ", mean.sizes(), ", ",
+              dmu.sizes(), " and ", dvar.sizes());
+  const int64_t K = mean.size(0), C = mean.size(1), G = dmu.size(1), I = dvar.size(2);
+  TORCH_CHECK(var.sizes() == mean.sizes() && dmu_w.sizes() == mean.sizes() && dvar_w.sizes() == mean.sizes() &&
+                  dmu.size(0) == K && dmu.size(2) == I && dvar.size(0) == K && dvar.size(1) == C &&
+                  valid.dim() == 1 && valid.size(0) == K && step.numel() == 1,
+              op, ": the window's fields disagree on its shape (mean ", mean.sizes(), ", var ", var.sizes(), ", dmu ",
+              dmu.sizes(), ", dvar ", dvar.sizes(), ", dmu_w ", dmu_w.sizes(), ", dvar_w ", dvar_w.sizes(), ", valid ",
+              valid.sizes(), ", step ", step.sizes(), ")");
+  if (head.defined()) {
+    TORCH_CHECK(head.numel() == 1 && head.scalar_type() == at::kLong && head.device() == mean.device(), op,
+                ": window.head must be a one-element int64 tensor on ", mean.device(), ", got ", head.scalar_type(),
+                " of shape ", head.sizes(), " on ", head.device());
+  }
+  TORCH_CHECK(G > 0 && C % G == 0 && conv_weight.dim() == 4 && conv_weight.size(0) == C &&
+                  conv_weight.numel() == C * I,
+              op, ": a conv weight of shape (", C, ", ", I, " weights) with ", G, " groups was expected, got ",
+              conv_weight.sizes());
+  for (const auto& [t, name] : {std::pair{var, "var"}, std::pair{dmu, "dmu"}, std::pair{dvar, "dvar"},
+                                std::pair{dmu_w, "dmu_w"}, std::pair{dvar_w, "dvar_w"}, std::pair{valid, "valid"},
+                                std::pair{step, "step"},
+                                std::pair{conv_weight, "conv_weight"}}) {
+    TORCH_CHECK(t.device() == mean.device(), op, ": window.", name, " is on ", t.device(), " but window.mean is on ",
+                mean.device());
+  }
+  TORCH_CHECK(valid.scalar_type() == at::kBool && step.scalar_type() == at::kLong, op,
+              ": window.valid must be bool and window.step int64, got ", valid.scalar_type(), " and ",
+              step.scalar_type());
+  for (const auto& [t, name] : {std::pair{mean, "mean"}, std::pair{var, "var"}, std::pair{dmu, "dmu"},
+                                std::pair{dvar, "dvar"}, std::pair{dmu_w, "dmu_w"}, std::pair{dvar_w, "dvar_w"},
+                                std::pair{conv_weight, "conv_weight"}}) {
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": window.", name, " must be floating point, got ",
+                t.scalar_type());
+  }
+  return {K, {C, G, I}, mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};
+}
+
+template <typename Device>
+std::tuple<Tensor, Tensor, Tensor> cbn_window_compensate(const Tensor& mean, const Tensor& var, const Tensor& dmu,
+                                                         const Tensor& dvar, const Tensor& dmu_w,
+                                                         const Tensor& dvar_w, const Tensor& valid,
+                                                         const Tensor& step, const Tensor& conv_weight, double rho,
+                                                         int64_t burnin) {
+  constexpr const char* op = "cbn_window_compensate";
+  [[maybe_unused]] const auto guard = Device::enter(mean, op);
+  const WindowCheck w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op);
+  const at::TensorOptions f64 = mean.options().dtype(at::kDouble);
+  Tensor past_mean = new_output({w.slots, w.shape.channels}, f64), past_var = new_output({w.slots, w.shape.channels}, f64);
+  Tensor keep = new_output({w.slots, w.shape.channels}, mean.options().dtype(at::kBool));
+  const WindowTensor m(mean, w.dtype), v(var, w.dtype), jm(dmu, w.dtype), jv(dvar, w.dtype), wt(conv_weight, w.dtype);
+  const WindowTensor dm(dmu_w, at::kDouble), dv(dvar_w, at::kDouble), ok(valid, at::kBool);
+  AT_DISPATCH_FLOATING_TYPES(w.dtype, op, [&] {
+    const cbn_window::Compensate<scalar_t> a{w.shape,
+                                             m.work.const_data_ptr<scalar_t>(),
+                                             v.work.const_data_ptr<scalar_t>(),
+                                             jm.work.const_data_ptr<scalar_t>(),
+                                             jv.work.const_data_ptr<scalar_t>(),
+                                             dm.work.const_data_ptr<double>(),
+                                             dv.work.const_data_ptr<double>(),
+                                             ok.work.const_data_ptr<bool>(),
+                                             step.const_data_ptr<int64_t>(),
+                                             burnin,
+                                             wt.work.const_data_ptr<scalar_t>(),
+                                             rho,
+                                             past_mean.data_ptr<double>(),
+                                             past_var.data_ptr<double>(),
+                                             keep.data_ptr<bool>()};
+    Launch<Device>::template each_unit<cbn_window::CompensateStep>(w.slots * w.shape.channels, w.shape.weights, a);
+  });
+  return {past_mean, past_var, keep};
+}
+
+template <typename Device>
+void cbn_window_store(const Tensor& mean, const Tensor& var, const Tensor& dmu, const Tensor& dvar,
+                      const Tensor& dmu_w, const Tensor& dvar_w, const Tensor& valid, const Tensor& head,
+                      const Tensor& step, const Tensor& mu_t, const Tensor& var_t, const Tensor& new_dmu,
+                      const Tensor& new_dvar, const Tensor& conv_weight, const std::optional<Tensor>& dots_mean,
+                      const std::optional<Tensor>& dots_var, int64_t burnin) {
+  constexpr const char* op = "cbn_window_store";
+  [[maybe_unused]] const auto guard = Device::enter(mean, op);
+  const WindowCheck w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op, head);
+  const int64_t C = w.shape.channels, G = w.shape.groups, I = w.shape.weights;
+  TORCH_CHECK(mu_t.numel() == C && var_t.numel() == C && new_dmu.numel() == G * I && new_dvar.numel() == C * I, op,
+              ": the entry must have C = ", C, " statistics and Jacobians of ", G, " x ", I, " and ", C, " x ", I,
+              " values, got ", mu_t.sizes(), ", ", var_t.sizes(), ", ", new_dmu.sizes(), " and ", new_dvar.sizes());
+  TORCH_CHECK(dots_mean.has_value() == dots_var.has_value(), op, ": dots_mean and dots_var must be given together");
+  for (const Tensor& t : {mu_t, var_t, new_dmu, new_dvar}) {
+    TORCH_CHECK(t.device() == mean.device(), op, ": the entry is on ", t.device(), " but the window is on ",
+                mean.device());
+  }
+  const WindowTensor m(mean, w.dtype), v(var, w.dtype), jm(dmu, w.dtype), jv(dvar, w.dtype);
+  const WindowTensor dm(dmu_w, at::kDouble), dv(dvar_w, at::kDouble), ok(valid, at::kBool);
+  const WindowTensor mu(mu_t, w.dtype), vt(var_t, w.dtype), nm(new_dmu, w.dtype), nv(new_dvar, w.dtype),
+      wt(conv_weight, w.dtype);
+  Tensor d_mean, d_var;
+  if (dots_mean.has_value()) {
+    d_mean = common::dense_as(*dots_mean, at::kDouble), d_var = common::dense_as(*dots_var, at::kDouble);
+    TORCH_CHECK(d_mean.numel() == C && d_var.numel() == C, op, ": dots_mean and dots_var must have ", C,
+                " values, got ", d_mean.sizes(), " and ", d_var.sizes());
+  }
+  AT_DISPATCH_FLOATING_TYPES(w.dtype, op, [&] {
+    const cbn_window::Store<scalar_t> a{w.shape,
+                                        m.work.data_ptr<scalar_t>(),
+                                        v.work.data_ptr<scalar_t>(),
+                                        jm.work.data_ptr<scalar_t>(),
+                                        jv.work.data_ptr<scalar_t>(),
+                                        dm.work.data_ptr<double>(),
+                                        dv.work.data_ptr<double>(),
+                                        ok.work.data_ptr<bool>(),
+                                        head.data_ptr<int64_t>(),
+                                        step.data_ptr<int64_t>(),
+                                        w.slots,
+                                        burnin,
+                                        mu.work.const_data_ptr<scalar_t>(),
+                                        vt.work.const_data_ptr<scalar_t>(),
+                                        nm.work.const_data_ptr<scalar_t>(),
+                                        nv.work.const_data_ptr<scalar_t>(),
+                                        wt.work.const_data_ptr<scalar_t>(),
+                                        ptr_or_null<double>(d_mean),
+                                        ptr_or_null<double>(d_var)};
+    Launch<Device>::template each_unit<cbn_window::StoreStep>(C, I, a);
+    Launch<Device>::template each_index<cbn_window::AdvanceStep>(1, a);
+  });
+  for (const WindowTensor* t : {&m, &v, &jm, &jv, &dm, &dv, &ok}) t->template write_back<Launch<Device>>();
+}
+
 // ======================================================================== the segment passes
 // Thin wrappers registered as stochnorm_ext::segment_*: the distributed sync path composes them
 // with collectives (all-reduce of the per-segment statistics and backward sums in between).
@@ -350,6 +504,8 @@ void register_kernels(torch::Library& m) {
   m.impl("cross_iteration_norm_stats", &cross_iteration_norm_stats<Device>);
   m.impl("norm_apply", &norm_apply<Device>);
   m.impl("norm_backward", &norm_backward<Device>);
+  m.impl("cbn_window_compensate", &cbn_window_compensate<Device>);
+  m.impl("cbn_window_store", &cbn_window_store<Device>);
 }
 
 }  // namespace stochnorm_ext::ops_impl

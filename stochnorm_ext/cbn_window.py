@@ -24,7 +24,7 @@ can be captured by torch.compile or a CUDA graph.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +307,7 @@ class StoreAtBackward:
     computes x's gradient it calls :meth:`land`, which computes the Jacobians from ``x`` and
     the conv input (references, no copies: the graph keeps both for the conv's and the
     normalisation's backward anyway) and stores the entry with :func:`push_entry` (which
-    also counts the step). The module calls :meth:`land` before anything reads the window
+    also counts the step; ``store``: the backend's form of it). The module calls :meth:`land` before anything reads the window
     too (its next forward, its window buffers or ``step`` read as attributes, ``state_dict``,
     ``.to()``, pickling, rebinding), so a forward whose backward never ran (or has not run
     yet: two forwards, then one backward) is stored before the next step reads the window,
@@ -325,8 +325,9 @@ class StoreAtBackward:
 
     def __init__(self, window: CBNWindow, conv_input: Tensor, conv_weight: Tensor, x: Tensor,
                  mu_t: Tensor, var_t: Tensor, geometry: ConvGeometry, burnin: int,
-                 conv_bias: Optional[Tensor] = None):
+                 conv_bias: Optional[Tensor] = None, store: Callable[..., None] = None):
         self.window, self.geometry, self.burnin = window, geometry, burnin
+        self.store = push_entry if store is None else store  # the backend's push_entry
         self.tensors = (conv_input, conv_weight, x, mu_t, var_t, conv_bias)
         self.versions = _versions(conv_input, x, conv_weight, *(() if conv_bias is None else (conv_bias,)))
 
@@ -347,7 +348,7 @@ class StoreAtBackward:
             dots = None
             if now[2] != self.versions[2]:  # W(tau) is gone: the closed form of the dot products
                 dots = (mu_t.double() - (0 if bias is None else bias.detach().double()), 2 * var_t.double())
-            push_entry(self.window, mu_t, var_t, dmu, dvar, conv_weight, self.burnin, dots)
+            self.store(self.window, mu_t, var_t, dmu, dvar, conv_weight, self.burnin, dots)
 
 
 def _versions(*tensors: Tensor) -> Tuple[int, ...]:

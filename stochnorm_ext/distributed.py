@@ -52,7 +52,7 @@ Layer specifics:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -358,9 +358,9 @@ class PendingEntry:
     what the synchronous path stores; a second call does nothing."""
 
     def __init__(self, window: CBNWindow, flat: Tensor, dmu: Tensor, dvar: Tensor, mu_t: Tensor,
-                 var_t: Tensor, conv_weight: Tensor, burnin: int):
+                 var_t: Tensor, conv_weight: Tensor, burnin: int, store: Callable[..., None] = push_entry):
         self.flat, self.dmu, self.dvar = flat, dmu, dvar
-        self.mu_t, self.var_t, self.burnin = mu_t, var_t, burnin
+        self.mu_t, self.var_t, self.burnin, self.store = mu_t, var_t, burnin, store
         # The step's slot and counter, and W(tau): the optimiser updates the conv's weight in
         # place before the entry lands, and <dmu, W(tau)> must use the weight of this step.
         self.window = window._replace(head=window.head.clone(), step=window.step.clone())
@@ -373,12 +373,12 @@ class PendingEntry:
         self.flat = None
         # push_entry on a copy of head/step: it writes the recorded slot (if the burn-in was
         # over then) and advances only the copies.
-        push_entry(self.window, self.mu_t, self.var_t, dmu, dvar, self.weight, self.burnin)
+        self.store(self.window, self.mu_t, self.var_t, dmu, dvar, self.weight, self.burnin)
 
 
 def push_entry_deferred(window: CBNWindow, conv_input: Tensor, conv_weight: Tensor, x: Tensor,
                         mu_t: Tensor, var_t: Tensor, geometry: ConvGeometry, burnin: int,
-                        process_group) -> PendingEntry:
+                        process_group, store: Callable[..., None] = push_entry) -> PendingEntry:
     """Store this step's entry with the group-averaged Jacobians, the average landing later.
 
     The Jacobians are only needed by later steps, so their all-reduce overlaps the rest of the
@@ -391,6 +391,6 @@ def push_entry_deferred(window: CBNWindow, conv_input: Tensor, conv_weight: Tens
     with torch.no_grad():
         dmu, dvar, local = _local_jacobians(conv_input, conv_weight, x, mu_t, geometry)
         flat = _start_average(dmu, dvar, local, process_group)
-        pending = PendingEntry(window, flat, dmu, dvar, mu_t, var_t, conv_weight, burnin)
-        push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
+        pending = PendingEntry(window, flat, dmu, dvar, mu_t, var_t, conv_weight, burnin, store)
+        store(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
     return pending

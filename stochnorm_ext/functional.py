@@ -36,9 +36,8 @@ from torch import Tensor
 from . import _checks, distributed
 from ._rules import accumulate_dtype
 from .reference import affine, finish
-from .backend import resolve_for_call
-from .cbn_window import (CBNWindow, ConvGeometry, StoreAtBackward, compensated_past, conv_jacobians,
-                         push_entry)
+from .backend import resolve, resolve_for_call
+from .cbn_window import CBNWindow, ConvGeometry, StoreAtBackward, conv_jacobians
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_batch_norm", "draw_mask"]
 
@@ -295,7 +294,7 @@ def run_cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bi
                      running_var, training, momentum, eps, rho, burnin, backend, past=None,
                      update_state=True, sync=False, process_group=None, num_batches_tracked=None,
                      deferred=None, layer="cross_iteration_batch_norm", num_features=None,
-                     conv_source=None, on_past=None, conv_bias=None):
+                     conv_source=None, on_past=None, conv_bias=None, plain=False):
     """The whole CBN step: every check once, then the backend and the window's store.
 
     The module passes its name and channel count (the input is checked here, once), and:
@@ -309,13 +308,19 @@ def run_cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bi
     Jacobian all-reduce with the rest of the step; an unsynchronised one whose backward will
     come, the entry that its backward stores (``cbn_window.StoreAtBackward``). Without it
     (the public functional form) the entry is stored here. ``conv_bias``: the conv's bias
-    (or None), which that later store may need."""
-    _checks.check_input(x, num_features, (4,), layer)
+    (or None), which that later store may need. ``plain``: the module found the call plainly
+    valid (``_NormBase._plain_call``, rho and burnin in range, more than one value per
+    channel): the checks of the input, the layer's tensors and hyper-parameters and the
+    backend's are skipped; the window's and the conv's are not."""
     C = x.shape[1]
-    _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training,
-                   num_batches_tracked)
-    _checks.check_hyper("rho", rho)
-    _checks.check_hyper("burnin", burnin, low=0, integer=True)
+    if plain:
+        impl, syncing = resolve(backend, x.device), False
+    else:
+        _checks.check_input(x, num_features, (4,), layer)
+        _common_checks(layer, x, weight, bias, running_mean, running_var, (C,), momentum, eps, training,
+                       num_batches_tracked)
+        _checks.check_hyper("rho", rho)
+        _checks.check_hyper("burnin", burnin, low=0, integer=True)
     if window is not None and not isinstance(window, CBNWindow):
         raise TypeError(f"{layer}: window must be a CBNWindow or None, got {type(window).__name__}")
     if training and conv_source is not None:
@@ -325,12 +330,13 @@ def run_cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bi
         _checks.check_window(layer, x, window)
     if use_window:
         _checks.check_conv(layer, x, conv_input, conv_weight, geometry, window)
-    impl, syncing = _route(layer, backend, x, running_mean, running_var, training, update_state, sync,
-                           process_group, C)
+    if not plain:
+        impl, syncing = _route(layer, backend, x, running_mean, running_var, training, update_state, sync,
+                               process_group, C)
     if x.shape[0] == 0 and not syncing:
         return _empty_step(x, weight, bias, training, update_state, num_batches_tracked)
     if use_window and past is None:
-        past = compensated_past(window, conv_weight, rho, burnin)
+        past = impl.compensated_past(window, conv_weight, rho, burnin)
         if on_past is not None:
             on_past(past)
     if past is None:
@@ -347,11 +353,11 @@ def run_cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bi
     if use_window and update_state:
         if syncing and deferred is not None and not torch.compiler.is_compiling():
             deferred.append(distributed.push_entry_deferred(window, conv_input, conv_weight, x, mu_t, var_t,
-                                                            geometry, burnin, process_group))
+                                                            geometry, burnin, process_group, impl.push_entry))
             return y
         if not syncing and deferred is not None and _backward_will_store(x):
             entry = StoreAtBackward(window, conv_input, conv_weight, x, mu_t, var_t, geometry, burnin,
-                                    conv_bias)
+                                    conv_bias, impl.push_entry)
             x.register_hook(entry.hook)
             deferred.append(entry)
             return y
@@ -360,7 +366,7 @@ def run_cross_iteration(x, conv_input, conv_weight, geometry, window, weight, bi
                                                    process_group)
         else:
             dmu, dvar = conv_jacobians(conv_input, conv_weight, x, mu_t, geometry, mu_is_batch_mean=True)
-        push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
+        impl.push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin)
     elif training and update_state and window is not None:
         window.step.add_(1)
     return y

@@ -20,10 +20,12 @@ import torch
 from torch import Tensor
 
 from ._checks import stat_dims
+# CBN's window steps, plain PyTorch: the reference's are the definitions themselves.
+from .cbn_window import compensated_past, push_entry  # noqa: F401
 from ._rules import accumulate_dtype, memory_format_of
 
 __all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "pool_window", "update_running_stats",
-           "PASSES"]
+           "compensated_past", "push_entry", "PASSES"]
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:

@@ -134,6 +134,27 @@ def samples_norm_backward():
                 yield (_x(shape, fmt), _x(shape, fmt), weight, *_stat_tables(G, red=red), G, 1e-5, mask)
 
 
+def _cbn_window(K, C, G, I, dtype=torch.float32):
+    """The fields of a CBNWindow with random contents (cbn_window.CBNWindow's order)."""
+    return (torch.randn(K, C, dtype=dtype), torch.rand(K, C, dtype=dtype) + 0.1, torch.randn(K, G, I, dtype=dtype),
+            torch.randn(K, C, I, dtype=dtype), torch.randn(K, C, dtype=torch.float64),
+            torch.randn(K, C, dtype=torch.float64), torch.rand(K) < 0.7, torch.tensor(1), torch.tensor(4))
+
+
+def samples_cbn_window_compensate():
+    for K, C, G, dtype, burnin in ((3, 6, 1, torch.float32, 0), (2, 4, 2, torch.float64, 6)):
+        mean, var, dmu, dvar, dmu_w, dvar_w, valid, head, step = _cbn_window(K, C, G, 18, dtype)
+        yield (mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, torch.randn(C, 2, 3, 3), 0.8, burnin)
+
+
+def samples_cbn_window_store():
+    for K, C, G, dtype, dots in ((3, 6, 1, torch.float32, False), (2, 4, 2, torch.float64, True)):
+        given = (torch.randn(C, dtype=torch.float64), torch.rand(C, dtype=torch.float64)) if dots else (None, None)
+        yield (*_cbn_window(K, C, G, 18, dtype), torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype),
+               torch.randn(G, 2, 3, 3, dtype=dtype), torch.randn(C, 2, 3, 3, dtype=dtype), torch.randn(C, 2, 3, 3),
+               *given, 0)
+
+
 SAMPLES = {
     "segment_stats": samples_segment_stats,
     "segment_apply": samples_segment_apply,
@@ -144,6 +165,8 @@ SAMPLES = {
     "cross_iteration_norm_stats": samples_cross_iteration_norm_stats,
     "norm_apply": samples_norm_apply,
     "norm_backward": samples_norm_backward,
+    "cbn_window_compensate": samples_cbn_window_compensate,
+    "cbn_window_store": samples_cbn_window_store,
 }
 
 

@@ -52,6 +52,12 @@ class Backend(Protocol):
                              past_keep, training, momentum, eps, update_stats=True,
                              num_batches_tracked=None) -> Tuple[Tensor, Tensor, Tensor]: ...
 
+    # CBN's window steps (``stochnorm_ext.cbn_window``'s definitions; a provider may run each
+    # as one op). No host synchronisation.
+    def compensated_past(self, window, conv_weight, rho, burnin) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+    def push_entry(self, window, mu_t, var_t, dmu, dvar, conv_weight, burnin, dots=None) -> None: ...
+
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "STOCHNORM_EXT_BACKEND"

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import cbn_window
 from .._rules import accumulate_dtype
 
 __all__ = ["ProviderOps", "KernelLayers"]
@@ -33,6 +34,10 @@ class ProviderOps(NamedTuple):
     norm_apply: Callable
     prepare: Optional[Callable[[Tensor], Tensor]] = None
     detach_stats_input: bool = True
+    # CBN's window steps as single ops (``cbn_window_compensate`` / ``cbn_window_store`` of
+    # csrc/ops.cpp); None: the plain-PyTorch ones of ``stochnorm_ext.cbn_window``.
+    window_compensate: Optional[Callable] = None
+    window_store: Optional[Callable] = None
 
 
 def batch_norm_eval(x, weight, bias, running_mean, running_var, eps) -> Tensor:
@@ -64,6 +69,23 @@ class KernelLayers:
 
     def __init__(self, ops: ProviderOps):
         self.ops = ops
+
+    def compensated_past(self, window, conv_weight: Tensor, rho: float, burnin: int):
+        """``cbn_window.compensated_past``: one op when the provider has it."""
+        if self.ops.window_compensate is None:
+            return cbn_window.compensated_past(window, conv_weight, rho, burnin)
+        w = window
+        return self.ops.window_compensate(w.mean, w.var, w.dmu, w.dvar, w.dmu_w, w.dvar_w, w.valid, w.step,
+                                          conv_weight.detach(), float(rho), burnin)
+
+    def push_entry(self, window, mu_t: Tensor, var_t: Tensor, dmu: Tensor, dvar: Tensor, conv_weight: Tensor,
+                   burnin: int, dots: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+        """``cbn_window.push_entry``: one op when the provider has it."""
+        if self.ops.window_store is None:
+            return cbn_window.push_entry(window, mu_t, var_t, dmu, dvar, conv_weight, burnin, dots)
+        dots_mean, dots_var = (None, None) if dots is None else dots
+        self.ops.window_store(*window, mu_t.detach(), var_t.detach(), dmu, dvar, conv_weight.detach(),
+                              dots_mean, dots_var, burnin)
 
     def _prepare(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(x for norm_apply, x for the statistics op)."""

@@ -2,6 +2,7 @@
 feeds it) and ``Conv2dCBN`` (a conv and its CBN in one module)."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -16,6 +17,12 @@ __all__ = ["CrossIterationBatchNorm2d", "Conv2dCBN"]
 
 
 _WINDOW_FIELDS = ("mean", "var", "dmu", "dvar", "dmu_w", "dvar_w", "valid", "head")
+
+
+def _conv_tensors(conv: nn.Conv2d):
+    """The conv's weight and bias, read as ``_NormBase._tensors`` reads the layer's own."""
+    p = conv._parameters
+    return (p["weight"] if "weight" in p else conv.weight, p["bias"] if "bias" in p else conv.bias)
 
 
 class _CaptureConvInput:
@@ -194,20 +201,25 @@ class CrossIterationBatchNorm2d(_NormBase):
             return captured[0]
 
         window = self._window() if use_window and not recompute else None
+        w, b, rm, rv, count = self._tensors()
+        conv = self._conv
+        conv_weight, conv_bias = _conv_tensors(conv) if conv is not None else (None, None)
+        rho, burnin = self.rho, self.burnin
+        # A plainly valid training call (the layer's tensors, its hyper-parameters, no sync;
+        # more than one value per channel) skips the checks of the functional form.
+        plain = (self.training and not recompute and self._plain_call(input, rm, w)
+                 and input.numel() >= 2 * self.num_features and type(rho) is float and math.isfinite(rho)
+                 and type(burnin) is int and burnin >= 0)
         # The functional form checks everything once and counts the step in num_batches_tracked
         # (an empty batch included, as nn.BatchNorm does; momentum=None reads its factor there).
-        return run_cross_iteration(input, None, self._conv.weight if self._conv is not None else None,
-                                self._geometry, window, self.weight, self.bias, self.running_mean,
-                                self.running_var, self.training, self.momentum, self.eps, self.rho,
-                                self.burnin, self.backend,
+        return run_cross_iteration(input, None, conv_weight, self._geometry, window, w, b, rm, rv,
+                                self.training, self.momentum, self.eps, rho, burnin, self.backend,
                                 past=self._stash_take() if use_window and recompute else None,
                                 update_state=not recompute, sync=self.sync,
-                                process_group=self.process_group,
-                                num_batches_tracked=self.num_batches_tracked, deferred=self._deferred,
-                                layer=name, num_features=self.num_features,
+                                process_group=self.process_group, num_batches_tracked=count,
+                                deferred=self._deferred, layer=name, num_features=self.num_features,
                                 conv_source=conv_source if use_window and not recompute else None,
-                                on_past=self._stash_put,
-                                conv_bias=self._conv.bias if self._conv is not None else None)
+                                on_past=self._stash_put, conv_bias=conv_bias, plain=plain)
 
     def _apply(self, fn, recurse=True):
         # <dmu, W(tau)> and <dvar, W(tau)> stay float64 whatever .half()/.float()/.to(dtype)

@@ -18,17 +18,21 @@ except ImportError as exc:  # not built (or built against another torch): the me
     UNAVAILABLE = str(exc)
     ops = None
 
-__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "PASSES"]
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "compensated_past", "push_entry", "PASSES"]
 
 
 # The layer functions: the one composition of every provider over these ops.
 if ops is not None:
     _layers = KernelLayers(ProviderOps(ops.stoch_norm_stats, ops.batch_group_norm_stats,
                                        ops.cross_iteration_norm_stats, ops.norm_apply,
-                                       detach_stats_input=False))  # they run below autograd
+                                       detach_stats_input=False,  # they run below autograd
+                                       window_compensate=ops.cbn_window_compensate,
+                                       window_store=ops.cbn_window_store))
     stoch_norm = _layers.stoch_norm
     batch_group_norm = _layers.batch_group_norm
     cross_iteration_norm = _layers.cross_iteration_norm
+    compensated_past = _layers.compensated_past
+    push_entry = _layers.push_entry
 
 
 def _plain_passes():

@@ -18,13 +18,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "PASSES"]
+__all__ = ["stoch_norm", "batch_group_norm", "cross_iteration_norm", "compensated_past", "push_entry", "PASSES"]
 
 # Every op of csrc/ops.cpp that has a device kernel (_device_launches is device-independent).
 CUDA_OPS = (
     "segment_stats", "segment_apply", "segment_grad_sums", "segment_grad_apply",
     "stoch_norm_stats", "batch_group_norm_stats", "cross_iteration_norm_stats",
-    "norm_apply", "norm_backward",
+    "norm_apply", "norm_backward", "cbn_window_compensate", "cbn_window_store",
 )
 
 UNAVAILABLE: Optional[str] = None
@@ -51,4 +51,5 @@ else:
 
 # The layer functions only call torch.ops.stochnorm_ext.*, which dispatch on the tensors'
 # device: the CPU backend's wrappers serve CUDA tensors unchanged.
-from . import PASSES, batch_group_norm, cross_iteration_norm, stoch_norm  # noqa: E402,F401
+from . import (PASSES, batch_group_norm, compensated_past, cross_iteration_norm, push_entry,  # noqa: E402,F401
+               stoch_norm)

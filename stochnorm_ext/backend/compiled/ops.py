@@ -17,6 +17,8 @@ tables for every input, so that segments and ranks merge at a large common offse
   ``csrc/autograd.cpp``);
 - the four passes for distributed sync: ``segment_stats``, ``segment_apply``,
   ``segment_grad_sums``, ``segment_grad_apply``;
+- CBN's window steps: ``cbn_window_compensate``, ``cbn_window_store`` (in place; not
+  differentiable);
 - private: ``_device_launches()`` (device launches since load, for the tests).
 
 Double backward is not supported: differentiating a backward op raises a RuntimeError.
@@ -121,6 +123,18 @@ def _(grad_output, input, weight, center, var, red, num_groups, eps, output_mask
     grad_input = _like_input(input) if output_mask[0] else input.new_empty(0)
     return (grad_input, input.new_empty(C if output_mask[1] else 0, dtype=dtype),
             input.new_empty(C if output_mask[2] else 0, dtype=dtype))
+
+
+@torch.library.register_fake("stochnorm_ext::cbn_window_compensate")
+def _(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, rho, burnin):
+    return (mean.new_empty(mean.shape, dtype=torch.float64), mean.new_empty(mean.shape, dtype=torch.float64),
+            mean.new_empty(mean.shape, dtype=torch.bool))
+
+
+@torch.library.register_fake("stochnorm_ext::cbn_window_store")
+def _(mean, var, dmu, dvar, dmu_w, dvar_w, valid, head, step, mu_t, var_t, new_dmu, new_dvar, conv_weight,
+      dots_mean, dots_var, burnin):
+    return None
 
 
 # ------------------------------------------------------------------------------- autograd

@@ -62,3 +62,5 @@ if UNAVAILABLE is None:
     stoch_norm = _layers.stoch_norm
     batch_group_norm = _layers.batch_group_norm
     cross_iteration_norm = _layers.cross_iteration_norm
+    compensated_past = _layers.compensated_past  # the plain-PyTorch window steps
+    push_entry = _layers.push_entry
