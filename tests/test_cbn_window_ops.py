@@ -1,7 +1,7 @@
 """CBN's window steps as single ops (``cbn_window_compensate``, ``cbn_window_store``,
 csrc/cbn_window.h) against their plain-PyTorch definitions in ``stochnorm_ext.cbn_window``, on
 random windows (never zeros): values, which slots they write, what they leave alone, their
-launches and their errors."""
+launches and their errors. On the CPU kernels, and on the CUDA ones where a GPU is there."""
 from __future__ import annotations
 
 import pytest
@@ -18,24 +18,37 @@ if available("cpu", "cpu"):
     from stochnorm_ext.backend import compiled
     from stochnorm_ext.backend.compiled.ops import defaults as ops
 
+DEVICES = [pytest.param("cpu"),
+           pytest.param("cuda", marks=pytest.mark.skipif(not (torch.cuda.is_available() and available("cuda", "cuda")),
+                                                          reason="no CUDA device or no CUDA kernels"))]
+device_param = pytest.mark.parametrize("device", DEVICES)
 
-def _window(K, C, G, I, dtype, *, head=1, step=5, filled=None, seed=0):
+
+def _on(device, *tensors):
+    return tuple(t.to(device) if t is not None else None for t in tensors)
+
+
+def _window(K, C, G, I, dtype, *, head=1, step=5, filled=None, seed=0, device="cpu"):
     """A window of random contents: K slots, C channels, G conv groups, I weights per channel."""
     g = torch.Generator().manual_seed(seed)
     valid = torch.rand(K, generator=g) < 0.7 if filled is None else torch.full((K,), filled)
-    return CBNWindow(
+    return _on_window(device, CBNWindow(
         mean=torch.randn(K, C, generator=g, dtype=dtype) + 0.5,
         var=torch.rand(K, C, generator=g, dtype=dtype) + 0.1,
         dmu=torch.randn(K, G, I, generator=g, dtype=dtype),
         dvar=torch.randn(K, C, I, generator=g, dtype=dtype) * 0.1,
         dmu_w=torch.randn(K, C, generator=g, dtype=torch.float64),
         dvar_w=torch.randn(K, C, generator=g, dtype=torch.float64) * 0.1,
-        valid=valid, head=torch.tensor(head), step=torch.tensor(step))
+        valid=valid, head=torch.tensor(head), step=torch.tensor(step)))
 
 
-def _weight(C, G, I, dtype=torch.float32, seed=1):
+def _on_window(device, window):
+    return CBNWindow(*_on(device, *window))
+
+
+def _weight(C, G, I, dtype=torch.float32, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(C, I // 9, 3, 3, generator=g, dtype=dtype)
+    return torch.randn(C, I // 9, 3, 3, generator=g, dtype=dtype).to(device)
 
 
 def _clone(window):
@@ -48,9 +61,10 @@ SHAPES = [(3, 6, 1, 27), (2, 8, 2, 18), (1, 4, 4, 9)]  # (K, C, G, I): one, two 
 @pytest.mark.parametrize("K,C,G,I", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("burnin,step", [(0, 5), (3, 5), (9, 5)])
-def test_compensate_matches_definition(K, C, G, I, dtype, burnin, step):
-    window = _window(K, C, G, I, dtype, step=step)
-    weight = _weight(C, G, I, dtype)
+@device_param
+def test_compensate_matches_definition(K, C, G, I, dtype, burnin, step, device):
+    window = _window(K, C, G, I, dtype, step=step, device=device)
+    weight = _weight(C, G, I, dtype, device=device)
     before = _clone(window)
     got = compiled.compensated_past(window, weight, 0.7, burnin)
     want = cbn_window.compensated_past(window, weight, 0.7, burnin)
@@ -67,17 +81,20 @@ def test_compensate_matches_definition(K, C, G, I, dtype, burnin, step):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("burnin,step", [(0, 5), (5, 5), (9, 5)])
 @pytest.mark.parametrize("given_dots", [False, True])
-def test_store_matches_definition(K, C, G, I, dtype, burnin, step, given_dots):
+@device_param
+def test_store_matches_definition(K, C, G, I, dtype, burnin, step, given_dots, device):
     """The head slot gets the entry (once the burn-in is over: else nothing but the step
     counter changes); the other slots keep theirs."""
-    window = _window(K, C, G, I, dtype, head=K - 1, step=step)
-    weight = _weight(C, G, I)
+    window = _window(K, C, G, I, dtype, head=K - 1, step=step, device=device)
+    weight = _weight(C, G, I, device=device)
     g = torch.Generator().manual_seed(5)
     mu_t, var_t = torch.randn(C, generator=g, dtype=dtype), torch.rand(C, generator=g, dtype=dtype) + 0.2
     dmu, dvar = torch.randn(G, I // 9, 3, 3, generator=g, dtype=dtype), torch.randn(C, I // 9, 3, 3, generator=g,
                                                                                       dtype=dtype)
     dots = (torch.randn(C, generator=g, dtype=torch.float64), torch.rand(C, generator=g, dtype=torch.float64)) \
         if given_dots else None
+    mu_t, var_t, dmu, dvar = _on(device, mu_t, var_t, dmu, dvar)
+    dots = None if dots is None else _on(device, *dots)
     got, want = _clone(window), _clone(window)
     compiled.push_entry(got, mu_t, var_t, dmu, dvar, weight, burnin, dots)
     cbn_window.push_entry(want, mu_t, var_t, dmu, dvar, weight, burnin, dots)
@@ -96,15 +113,16 @@ def test_store_matches_definition(K, C, G, I, dtype, burnin, step, given_dots):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_unmoved_weight_compensates_by_exactly_zero(dtype):
+@device_param
+def test_unmoved_weight_compensates_by_exactly_zero(dtype, device):
     """The store takes <., W(tau)> with the routine the compensation takes <., W(t)> with."""
     K, C, G, I = 2, 6, 2, 27
-    window = _window(K, C, G, I, dtype, head=0, filled=False)
-    weight = _weight(C, G, I)
+    window = _window(K, C, G, I, dtype, head=0, filled=False, device=device)
+    weight = _weight(C, G, I, device=device)
     for _ in range(K):
         mu_t, var_t = torch.randn(C, dtype=dtype), torch.rand(C, dtype=dtype) + 0.1
-        compiled.push_entry(window, mu_t, var_t, torch.randn(G, I, dtype=dtype), torch.randn(C, I, dtype=dtype),
-                            weight, 0)
+        compiled.push_entry(window, *_on(device, mu_t, var_t, torch.randn(G, I, dtype=dtype),
+                                         torch.randn(C, I, dtype=dtype)), weight, 0)
     past_mean, past_var, keep = compiled.compensated_past(window, weight, 1.0, 0)
     assert torch.equal(past_mean, window.mean.double()) and torch.equal(past_var, window.var.double())
     assert keep.all()
@@ -132,16 +150,17 @@ def _launches(fn, *args):
     return torch.ops.stochnorm_ext._device_launches() - before
 
 
-def test_launches():
+@device_param
+def test_launches(device):
     """compensate: one unit step; store: the unit step writing the slot, then one index
     advancing head and step (every unit reads them first). A window and weight of one float
     dtype need no conversion."""
     K, C, G, I = 3, 6, 1, 27
-    window = _window(K, C, G, I, torch.float32)
-    weight = _weight(C, G, I)
+    window = _window(K, C, G, I, torch.float32, device=device)
+    weight = _weight(C, G, I, device=device)
     assert _launches(compiled.compensated_past, window, weight, 1.0, 0) == 1
-    assert _launches(compiled.push_entry, window, torch.randn(C), torch.rand(C), torch.randn(G, I),
-                     torch.randn(C, I), weight, 0) == 2
+    assert _launches(compiled.push_entry, window, *_on(device, torch.randn(C), torch.rand(C), torch.randn(G, I),
+                                                       torch.randn(C, I)), weight, 0) == 2
 
 
 @pytest.mark.parametrize("bad", ["dvar_shape", "weight_shape", "valid_dtype", "entry_shape", "head_dtype"])
