@@ -1,54 +1,41 @@
-// The two steps of CBN's window (stochnorm_ext/cbn_window.py holds the window's layout and the
-// same math in plain PyTorch, which the reference and Triton backends run):
+// The two steps of CBN's window, after their dot products (stochnorm_ext/cbn_window.py holds
+// the window's layout and the same math in plain PyTorch, which the reference and Triton
+// backends run):
 //  - compensate: every stored entry moved to the current conv weight W by a first-order
-//    Taylor step, and whether a channel keeps it;
-//  - store: this step's entry written into the ring buffer's head slot.
-// Both take the dot products <dmu_k, W_c> and <dvar_k, W_c> over the I = Cin/Gc * kh * kw
-// weights of channel c themselves (a unit step of coefficients.h: one unit per (entry,
-// channel), members = the I weights), accumulated in float64 from the window's own dtype: no
-// weight-sized copy or conversion. The store computes <., W(tau)> with the same routine as the
-// compensation computes <., W(t)>, so a weight that did not move compensates by exactly zero.
-// T is the window's dtype (float or double); the dot products and the compensated statistics
-// are float64.
+//    Taylor step, and whether a channel keeps it (an index step over the K x C entries);
+//  - store: this step's entry written into the ring buffer's head slot (an index step per
+//    channel; the Jacobian rows by index_copy_), then head and step advance (one index).
+// The dot products <dmu_k, W_c> and <dvar_k, W_c> come in as (C, K) tables from two batched
+// matrix products in the window's dtype (ops_impl.h, as cbn_window._window_dots takes them),
+// the same routine for <., W(t)> and <., W(tau)>: a weight that did not move compensates by
+// exactly zero. T is the window's dtype (float or double); the compensated statistics and the
+// stored dot products are float64.
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
 
-#include "coefficients.h"
-
 namespace stochnorm_ext::cbn_window {
 
-using coefficients::SumPair;
-
-// Where channel c's weights and Jacobians are: row c of W (C, I) and of dvar (K, C, I); row
-// g(c) = c / (C / Gc) of dmu (K, Gc, I).
-struct WindowShape {
-  int64_t channels;      // C
-  int64_t groups;        // Gc, the conv's groups
-  int64_t weights;       // I
-  C10_HOST_DEVICE int64_t group_of(int64_t c) const { return c / (channels / groups); }
-};
-
-// ------------------------------------------------------------------ compensate (unit step)
-// Unit u = k * C + c. With moved = <dmu_k, W_c> - <dmu_k, W_c(tau)> (the stored dot product):
+// ------------------------------------------------------------------ compensate (index step, K*C)
+// Entry i = k * C + c. With moved = <dmu_k, W_c> - <dmu_k, W_c(tau)> (the stored dot product):
 //     past_mean = mean_k + rho * moved
-//     past_var  = var_k + rho * (<dvar_k, W_c> - <dvar_k, W_c(tau)>) - (rho * moved)^2
+//     past_var  = var_k + rho * (<dvar_k, W_c> - <dvar_k, W_c(tau)>) - rho^2 moved^2
 // kept when the slot is filled, past_var >= 0 (the published rule) and the burn-in is over.
 template <typename T>
 struct Compensate {
-  WindowShape shape;
+  int64_t channels;       // C
+  int64_t slots;          // K
   const T* mean;          // (K, C)
   const T* var;
-  const T* dmu;           // (K, Gc, I)
-  const T* dvar;          // (K, C, I)
+  const T* mu_dots;       // (C, K) <dmu_k, W_c>
+  const T* var_dots;      // (C, K) <dvar_k, W_c>
   const double* dmu_w;    // (K, C) <dmu_k, W_c(tau)>
   const double* dvar_w;
   const bool* valid;      // (K,)
   const int64_t* step;    // CBN's step counter (read on the device: no host sync)
   int64_t burnin;
-  const T* weight;        // (C, I) W(t)
   double rho;
   double* past_mean;      // (K, C)
   double* past_var;
@@ -56,54 +43,40 @@ struct Compensate {
 };
 
 struct CompensateStep {
-  using Partial = SumPair<double>;
-
   template <typename T>
-  C10_HOST_DEVICE Partial partial(int64_t u, int64_t m, const Compensate<T>& a) const {
-    const WindowShape& s = a.shape;
-    const int64_t k = u / s.channels, c = u % s.channels;
-    const double w = double(a.weight[c * s.weights + m]);
-    return Partial{w * double(a.dmu[(k * s.groups + s.group_of(c)) * s.weights + m]),
-                   w * double(a.dvar[u * s.weights + m])};
-  }
-
-  template <typename T>
-  C10_HOST_DEVICE void finish(int64_t u, int64_t m, const Partial& dots, const Compensate<T>& a) const {
-    if (m != 0) return;
-    const double moved = dots.a - a.dmu_w[u], delta = a.rho * moved;
-    const double var = double(a.var[u]) + a.rho * (dots.b - a.dvar_w[u]) - delta * delta;
-    a.past_mean[u] = double(a.mean[u]) + delta;
-    a.past_var[u] = var;
-    a.keep[u] = a.valid[u / a.shape.channels] && var >= 0 && (a.burnin <= 0 || *a.step >= a.burnin);
+  C10_HOST_DEVICE void operator()(int64_t i, const Compensate<T>& a) const {
+    const int64_t k = i / a.channels, c = i % a.channels, d = c * a.slots + k;
+    const double moved = double(a.mu_dots[d]) - a.dmu_w[i];
+    const double var = double(a.var[i]) + a.rho * (double(a.var_dots[d]) - a.dvar_w[i]) - a.rho * a.rho * moved * moved;
+    a.past_mean[i] = double(a.mean[i]) + a.rho * moved;
+    a.past_var[i] = var;
+    a.keep[i] = a.valid[k] && var >= 0 && (a.burnin <= 0 || *a.step >= a.burnin);
   }
 };
 
-// ------------------------------------------------------------------ store (unit step, then one index)
-// Unit c = channel, members = its I weights: once the burn-in is over (every step with burnin
-// 0), slot h = head gets the current batch's mean and variance, the Jacobians and their dot
-// products with W(tau) (given ones, else computed here), and is marked valid. Then (a second
-// launch: every unit reads head and step) head advances when the entry was stored, and the step
-// counts.
+// ------------------------------------------------------------------ store (index step, C; then one index)
+// Once the burn-in is over (every step with burnin 0), slot h = head gets the current batch's
+// mean and variance and the Jacobians' dot products with W(tau), and is marked valid (the
+// Jacobian rows themselves are copied by ATen's index_copy_ in ops_impl.h, at memory speed).
+// Then (a second launch: every index reads head and step) head advances when the entry was
+// stored, and the step counts.
 template <typename T>
 struct Store {
-  WindowShape shape;
+  int64_t channels;          // C
+  int64_t slots;             // K
   T* mean;                   // (K, C)
   T* var;
-  T* dmu;                    // (K, Gc, I)
-  T* dvar;                   // (K, C, I)
   double* dmu_w;             // (K, C)
   double* dvar_w;
   bool* valid;               // (K,)
   int64_t* head;             // ()
   int64_t* step;             // ()
-  int64_t slots;             // K
   int64_t burnin;
   const T* mu_t;             // (C,) this step's statistics
   const T* var_t;
-  const T* new_dmu;          // (Gc, I) this step's Jacobians
-  const T* new_dvar;         // (C, I)
-  const T* weight;           // (C, I) W(tau)
-  const double* dots_mean;   // (C,) given <dmu, W(tau)>, or nullptr: computed
+  const T* products_mean;    // (C,) <dmu, W_c(tau)> from the products, or nullptr when given:
+  const T* products_var;
+  const double* dots_mean;   // (C,) the given ones (float64)
   const double* dots_var;
 };
 
@@ -113,27 +86,14 @@ C10_HOST_DEVICE inline bool stores(const Store<T>& a) {
 }
 
 struct StoreStep {
-  using Partial = SumPair<double>;
-
   template <typename T>
-  C10_HOST_DEVICE Partial partial(int64_t c, int64_t m, const Store<T>& a) const {
-    const WindowShape& s = a.shape;
-    const double w = double(a.weight[c * s.weights + m]);
-    return Partial{w * double(a.new_dmu[s.group_of(c) * s.weights + m]), w * double(a.new_dvar[c * s.weights + m])};
-  }
-
-  template <typename T>
-  C10_HOST_DEVICE void finish(int64_t c, int64_t m, const Partial& dots, const Store<T>& a) const {
+  C10_HOST_DEVICE void operator()(int64_t c, const Store<T>& a) const {
     if (!stores(a)) return;
-    const WindowShape& s = a.shape;
-    const int64_t h = *a.head, i = c * s.weights + m;
-    a.dvar[h * s.channels * s.weights + i] = a.new_dvar[i];
-    if (c < s.groups) a.dmu[h * s.groups * s.weights + i] = a.new_dmu[i];  // unit g copies dmu's row g
-    if (m != 0) return;
-    a.mean[h * s.channels + c] = a.mu_t[c];
-    a.var[h * s.channels + c] = a.var_t[c];
-    a.dmu_w[h * s.channels + c] = a.dots_mean != nullptr ? a.dots_mean[c] : dots.a;
-    a.dvar_w[h * s.channels + c] = a.dots_var != nullptr ? a.dots_var[c] : dots.b;
+    const int64_t h = *a.head, e = h * a.channels + c;
+    a.mean[e] = a.mu_t[c];
+    a.var[e] = a.var_t[c];
+    a.dmu_w[e] = a.products_mean != nullptr ? double(a.products_mean[c]) : a.dots_mean[c];
+    a.dvar_w[e] = a.products_var != nullptr ? double(a.products_var[c]) : a.dots_var[c];
     if (c == 0) a.valid[h] = true;
   }
 };

@@ -324,14 +324,13 @@ struct WindowTensor {
 };
 
 // The window's shape, checked against every field and the conv weight (C, Cin/Gc, kh, kw).
-struct WindowCheck {
-  int64_t slots;
-  cbn_window::WindowShape shape;
-  at::ScalarType dtype;  // the steps' T: float64 for a float64 window, else float32
+struct WindowShape {
+  int64_t slots, channels, groups, weights;  // K, C, Gc, I
+  at::ScalarType dtype;  // the window's arithmetic: float64 for a float64 window, else float32
 };
 
 // `head`: checked with the others when given (the store writes it; the compensation does not read it).
-inline WindowCheck check_window(const Tensor& mean, const Tensor& var, const Tensor& dmu, const Tensor& dvar,
+inline WindowShape check_window(const Tensor& mean, const Tensor& var, const Tensor& dmu, const Tensor& dvar,
                                 const Tensor& dmu_w, const Tensor& dvar_w, const Tensor& valid, const Tensor& step,
                                 const Tensor& conv_weight, const char* op, const Tensor& head = Tensor()) {
   TORCH_CHECK(mean.dim() == 2 && dmu.dim() == 3 && dvar.dim() == 3, op,
@@ -355,8 +354,7 @@ inline WindowCheck check_window(const Tensor& mean, const Tensor& var, const Ten
               conv_weight.sizes());
   for (const auto& [t, name] : {std::pair{var, "var"}, std::pair{dmu, "dmu"}, std::pair{dvar, "dvar"},
                                 std::pair{dmu_w, "dmu_w"}, std::pair{dvar_w, "dvar_w"}, std::pair{valid, "valid"},
-                                std::pair{step, "step"},
-                                std::pair{conv_weight, "conv_weight"}}) {
+                                std::pair{step, "step"}, std::pair{conv_weight, "conv_weight"}}) {
     TORCH_CHECK(t.device() == mean.device(), op, ": window.", name, " is on ", t.device(), " but window.mean is on ",
                 mean.device());
   }
@@ -369,7 +367,23 @@ inline WindowCheck check_window(const Tensor& mean, const Tensor& var, const Ten
     TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": window.", name, " must be floating point, got ",
                 t.scalar_type());
   }
-  return {K, {C, G, I}, mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};
+  return {K, C, G, I, mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat};
+}
+
+// <dmu_k, W_c> and <dvar_k, W_c> as (C, K) tables in the window's dtype, for Jacobians
+// dmu (K, Gc, I) and dvar (K, C, I) (dmu_k of group g pairs with the channels of group g):
+// two batched matrix products that read W and the slots where they lie, as
+// stochnorm_ext.cbn_window._window_dots takes them (the same products: the same values).
+inline std::pair<Tensor, Tensor> window_dots(const Tensor& dmu, const Tensor& dvar, const Tensor& weight,
+                                             const WindowShape& w) {
+  common::count_launch(2);  // two ATen products
+  // In the window's dtype whatever autocast region the op was called in.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t K = dmu.size(0);
+  const Tensor rows = weight.reshape({w.channels, w.weights});
+  const Tensor mu = at::bmm(rows.reshape({w.groups, w.channels / w.groups, w.weights}), dmu.permute({1, 2, 0}));
+  const Tensor var = at::bmm(rows.reshape({w.channels, 1, w.weights}), dvar.permute({1, 2, 0}));
+  return {mu.reshape({w.channels, K}), var.reshape({w.channels, K})};
 }
 
 template <typename Device>
@@ -380,29 +394,31 @@ std::tuple<Tensor, Tensor, Tensor> cbn_window_compensate(const Tensor& mean, con
                                                          int64_t burnin) {
   constexpr const char* op = "cbn_window_compensate";
   [[maybe_unused]] const auto guard = Device::enter(mean, op);
-  const WindowCheck w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op);
+  const WindowShape w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op);
   const at::TensorOptions f64 = mean.options().dtype(at::kDouble);
-  Tensor past_mean = new_output({w.slots, w.shape.channels}, f64), past_var = new_output({w.slots, w.shape.channels}, f64);
-  Tensor keep = new_output({w.slots, w.shape.channels}, mean.options().dtype(at::kBool));
-  const WindowTensor m(mean, w.dtype), v(var, w.dtype), jm(dmu, w.dtype), jv(dvar, w.dtype), wt(conv_weight, w.dtype);
-  const WindowTensor dm(dmu_w, at::kDouble), dv(dvar_w, at::kDouble), ok(valid, at::kBool);
+  Tensor past_mean = new_output({w.slots, w.channels}, f64), past_var = new_output({w.slots, w.channels}, f64);
+  Tensor keep = new_output({w.slots, w.channels}, mean.options().dtype(at::kBool));
+  const WindowTensor m(mean, w.dtype), v(var, w.dtype), dm(dmu_w, at::kDouble), dv(dvar_w, at::kDouble),
+      ok(valid, at::kBool);
+  const auto [mu_dots, var_dots] = window_dots(common::dense_as(dmu, w.dtype), common::dense_as(dvar, w.dtype),
+                                                       common::dense_as(conv_weight, w.dtype), w);
   AT_DISPATCH_FLOATING_TYPES(w.dtype, op, [&] {
-    const cbn_window::Compensate<scalar_t> a{w.shape,
+    const cbn_window::Compensate<scalar_t> a{w.channels,
+                                             w.slots,
                                              m.work.const_data_ptr<scalar_t>(),
                                              v.work.const_data_ptr<scalar_t>(),
-                                             jm.work.const_data_ptr<scalar_t>(),
-                                             jv.work.const_data_ptr<scalar_t>(),
+                                             mu_dots.const_data_ptr<scalar_t>(),
+                                             var_dots.const_data_ptr<scalar_t>(),
                                              dm.work.const_data_ptr<double>(),
                                              dv.work.const_data_ptr<double>(),
                                              ok.work.const_data_ptr<bool>(),
                                              step.const_data_ptr<int64_t>(),
                                              burnin,
-                                             wt.work.const_data_ptr<scalar_t>(),
                                              rho,
                                              past_mean.data_ptr<double>(),
                                              past_var.data_ptr<double>(),
                                              keep.data_ptr<bool>()};
-    Launch<Device>::template each_unit<cbn_window::CompensateStep>(w.slots * w.shape.channels, w.shape.weights, a);
+    Launch<Device>::template each_index<cbn_window::CompensateStep>(w.slots * w.channels, a);
   });
   return {past_mean, past_var, keep};
 }
@@ -415,8 +431,8 @@ void cbn_window_store(const Tensor& mean, const Tensor& var, const Tensor& dmu, 
                       const std::optional<Tensor>& dots_var, int64_t burnin) {
   constexpr const char* op = "cbn_window_store";
   [[maybe_unused]] const auto guard = Device::enter(mean, op);
-  const WindowCheck w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op, head);
-  const int64_t C = w.shape.channels, G = w.shape.groups, I = w.shape.weights;
+  const WindowShape w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op, head);
+  const int64_t C = w.channels, G = w.groups, I = w.weights;
   TORCH_CHECK(mu_t.numel() == C && var_t.numel() == C && new_dmu.numel() == G * I && new_dvar.numel() == C * I, op,
               ": the entry must have C = ", C, " statistics and Jacobians of ", G, " x ", I, " and ", C, " x ", I,
               " values, got ", mu_t.sizes(), ", ", var_t.sizes(), ", ", new_dmu.sizes(), " and ", new_dvar.sizes());
@@ -425,37 +441,46 @@ void cbn_window_store(const Tensor& mean, const Tensor& var, const Tensor& dmu, 
     TORCH_CHECK(t.device() == mean.device(), op, ": the entry is on ", t.device(), " but the window is on ",
                 mean.device());
   }
-  const WindowTensor m(mean, w.dtype), v(var, w.dtype), jm(dmu, w.dtype), jv(dvar, w.dtype);
-  const WindowTensor dm(dmu_w, at::kDouble), dv(dvar_w, at::kDouble), ok(valid, at::kBool);
-  const WindowTensor mu(mu_t, w.dtype), vt(var_t, w.dtype), nm(new_dmu, w.dtype), nv(new_dvar, w.dtype),
-      wt(conv_weight, w.dtype);
-  Tensor d_mean, d_var;
+  const Tensor nm = common::dense_as(new_dmu, w.dtype), nv = common::dense_as(new_dvar, w.dtype);
+  // <dmu, W(tau)>, <dvar, W(tau)>: the products compensate takes later, unless given (float64).
+  Tensor products_mean, products_var, d_mean, d_var;
   if (dots_mean.has_value()) {
     d_mean = common::dense_as(*dots_mean, at::kDouble), d_var = common::dense_as(*dots_var, at::kDouble);
     TORCH_CHECK(d_mean.numel() == C && d_var.numel() == C, op, ": dots_mean and dots_var must have ", C,
                 " values, got ", d_mean.sizes(), " and ", d_var.sizes());
+  } else {
+    std::tie(products_mean, products_var) =
+        window_dots(nm.view({1, G, I}), nv.view({1, C, I}), common::dense_as(conv_weight, w.dtype), w);
+  }
+  const WindowTensor m(mean, w.dtype), v(var, w.dtype), jm(dmu, w.dtype), jv(dvar, w.dtype);
+  const WindowTensor dm(dmu_w, at::kDouble), dv(dvar_w, at::kDouble), ok(valid, at::kBool);
+  const Tensor mu = common::dense_as(mu_t, w.dtype), vt = common::dense_as(var_t, w.dtype);
+  // The Jacobian rows into the head slot (read on the device: no host sync); during the
+  // burn-in the slot is rewritten with itself.
+  const Tensor slot = head.reshape({1});
+  for (const auto& [buf, rows] : {std::pair{jm.work, nm.view({1, G, I})}, std::pair{jv.work, nv.view({1, C, I})}}) {
+    common::count_launch(burnin > 0 ? 4 : 1);
+    buf.index_copy_(0, slot, burnin > 0 ? at::where(step.reshape({1, 1, 1}) >= burnin, rows, buf.index_select(0, slot))
+                                        : rows);
   }
   AT_DISPATCH_FLOATING_TYPES(w.dtype, op, [&] {
-    const cbn_window::Store<scalar_t> a{w.shape,
+    const cbn_window::Store<scalar_t> a{C,
+                                        w.slots,
                                         m.work.data_ptr<scalar_t>(),
                                         v.work.data_ptr<scalar_t>(),
-                                        jm.work.data_ptr<scalar_t>(),
-                                        jv.work.data_ptr<scalar_t>(),
                                         dm.work.data_ptr<double>(),
                                         dv.work.data_ptr<double>(),
                                         ok.work.data_ptr<bool>(),
                                         head.data_ptr<int64_t>(),
                                         step.data_ptr<int64_t>(),
-                                        w.slots,
                                         burnin,
-                                        mu.work.const_data_ptr<scalar_t>(),
-                                        vt.work.const_data_ptr<scalar_t>(),
-                                        nm.work.const_data_ptr<scalar_t>(),
-                                        nv.work.const_data_ptr<scalar_t>(),
-                                        wt.work.const_data_ptr<scalar_t>(),
+                                        mu.const_data_ptr<scalar_t>(),
+                                        vt.const_data_ptr<scalar_t>(),
+                                        ptr_or_null<scalar_t>(products_mean),
+                                        ptr_or_null<scalar_t>(products_var),
                                         ptr_or_null<double>(d_mean),
                                         ptr_or_null<double>(d_var)};
-    Launch<Device>::template each_unit<cbn_window::StoreStep>(C, I, a);
+    Launch<Device>::template each_index<cbn_window::StoreStep>(C, a);
     Launch<Device>::template each_index<cbn_window::AdvanceStep>(1, a);
   });
   for (const WindowTensor* t : {&m, &v, &jm, &jv, &dm, &dv, &ok}) t->template write_back<Launch<Device>>();
