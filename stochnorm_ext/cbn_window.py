@@ -306,9 +306,9 @@ class StoreAtBackward:
     :meth:`hook` is registered on the CBN input ``x`` (``x.register_hook``): when autograd
     computes x's gradient it calls :meth:`land`, which computes the Jacobians from ``x`` and
     the conv input (references, no copies: the graph keeps both for the conv's and the
-    normalisation's backward anyway) and stores the entry with :func:`push_entry` (which
-    also counts the step; ``store``: the backend's form of it). The module calls :meth:`land` before anything reads the window
-    too (its next forward, its window buffers or ``step`` read as attributes, ``state_dict``,
+    normalisation's backward anyway) and stores the entry with ``store`` (the backend's
+    :func:`push_entry`, which also counts the step). The module calls :meth:`land` before
+    anything reads the window too (its next forward, its window buffers or ``step`` read as attributes, ``state_dict``,
     ``.to()``, pickling, rebinding), so a forward whose backward never ran (or has not run
     yet: two forwards, then one backward) is stored before the next step reads the window,
     exactly as if stored in its forward. Only once: a second backward (``retain_graph``)
@@ -325,7 +325,7 @@ class StoreAtBackward:
 
     def __init__(self, window: CBNWindow, conv_input: Tensor, conv_weight: Tensor, x: Tensor,
                  mu_t: Tensor, var_t: Tensor, geometry: ConvGeometry, burnin: int,
-                 conv_bias: Optional[Tensor] = None, store: Callable[..., None] = None):
+                 conv_bias: Optional[Tensor] = None, store: Optional[Callable[..., None]] = None):
         self.window, self.geometry, self.burnin = window, geometry, burnin
         self.store = push_entry if store is None else store  # the backend's push_entry
         self.tensors = (conv_input, conv_weight, x, mu_t, var_t, conv_bias)
