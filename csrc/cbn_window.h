@@ -88,8 +88,11 @@ C10_HOST_DEVICE inline bool stores(const Store<T>& a) {
 struct StoreStep {
   template <typename T>
   C10_HOST_DEVICE void operator()(int64_t c, const Store<T>& a) const {
-    if (!stores(a)) return;
-    const int64_t h = *a.head, e = h * a.channels + c;
+    const int64_t h = *a.head;
+    // (A head outside the ring, from a corrupted state, is refused by the rows' index_copy_
+    // before this step; on a GPU that refusal is asynchronous, so the slot is checked here too.)
+    if (!stores(a) || h < 0 || h >= a.slots) return;
+    const int64_t e = h * a.channels + c;
     a.mean[e] = a.mu_t[c];
     a.var[e] = a.var_t[c];
     a.dmu_w[e] = a.products_mean != nullptr ? double(a.products_mean[c]) : a.dots_mean[c];

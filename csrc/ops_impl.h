@@ -433,6 +433,7 @@ void cbn_window_store(const Tensor& mean, const Tensor& var, const Tensor& dmu, 
   [[maybe_unused]] const auto guard = Device::enter(mean, op);
   const WindowShape w = check_window(mean, var, dmu, dvar, dmu_w, dvar_w, valid, step, conv_weight, op, head);
   const int64_t C = w.channels, G = w.groups, I = w.weights;
+  TORCH_CHECK(w.slots > 0, op, ": a window of 0 slots (window=1) stores nothing");
   TORCH_CHECK(mu_t.numel() == C && var_t.numel() == C && new_dmu.numel() == G * I && new_dvar.numel() == C * I, op,
               ": the entry must have C = ", C, " statistics and Jacobians of ", G, " x ", I, " and ", C, " x ", I,
               " values, got ", mu_t.sizes(), ", ", var_t.sizes(), ", ", new_dmu.sizes(), " and ", new_dvar.sizes());

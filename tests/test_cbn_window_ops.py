@@ -161,7 +161,8 @@ def test_launches(device):
     assert _launches(compiled.push_entry, window, *entry, weight, 0, dots) == 4
 
 
-@pytest.mark.parametrize("bad", ["dvar_shape", "weight_shape", "valid_dtype", "entry_shape", "head_dtype"])
+@pytest.mark.parametrize("bad", ["dvar_shape", "weight_shape", "valid_dtype", "entry_shape", "head_dtype",
+                                 "head_outside", "no_slots"])
 def test_store_errors_leave_the_window_untouched(bad):
     K, C, G, I = 2, 4, 1, 9
     window = _window(K, C, G, I, torch.float32)
@@ -175,10 +176,14 @@ def test_store_errors_leave_the_window_untouched(bad):
         window = window._replace(valid=window.valid.long())
     elif bad == "entry_shape":
         args["mu_t"] = torch.randn(C + 1)
-    else:
+    elif bad == "head_dtype":
         window = window._replace(head=window.head.int())
+    elif bad == "head_outside":  # a corrupted state: refused before anything is written
+        window = window._replace(head=torch.tensor(K))
+    else:
+        window = CBNWindow(*(t[:0] if t.dim() and t.shape[0] == K else t for t in window))
     before = _clone(window)
-    with pytest.raises(RuntimeError, match="cbn_window_store"):
+    with pytest.raises((RuntimeError, IndexError), match="cbn_window_store" if bad != "head_outside" else "index"):
         ops.cbn_window_store(*window, *args.values(), weight, None, None, 0)
     for a, b in zip(window, before):
         assert torch.equal(a, b)
