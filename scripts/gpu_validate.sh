@@ -141,8 +141,8 @@ sanitize() {  # sanitize TOOL SECONDS PYTEST-ARGS...
 }
 (
   command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer missing" > "$LOGS/san_memcheck.log"; exit 0; }
-  sanitize memcheck 130 tests/test_cuda_backend.py \
-      -k "long_rows_and_splits or (core_ops_match_torch and float32) or launches_per_op or core_ops_empty_batch"
+  sanitize memcheck 130 tests/test_cuda_backend.py tests/test_cbn_window_ops.py \
+      -k "long_rows_and_splits or (core_ops_match_torch and float32) or launches_per_op or core_ops_empty_batch or (matches_definition and cuda and float32)"
   sanitize racecheck 60 tests/test_cuda_backend.py -k "long_rows_and_splits and float32"
 ) &
 PID_SAN=$!
