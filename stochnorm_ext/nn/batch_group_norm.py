@@ -77,4 +77,5 @@ class _BatchGroupNorm(_NormBase):
                                  self.backend, update, self.sync, self.process_group, count,
                                  type(self).__name__, self.num_features, self._allowed_dims)
 
+
 BatchGroupNorm1d, BatchGroupNorm2d, BatchGroupNorm3d = rank_variants(_BatchGroupNorm, "BatchGroupNorm")

@@ -210,8 +210,9 @@ class CrossIterationBatchNorm2d(_NormBase):
         plain = (self.training and not recompute and self._plain_call(input, rm, w)
                  and input.numel() >= 2 * self.num_features and type(rho) is float and math.isfinite(rho)
                  and type(burnin) is int and burnin >= 0)
-        # The functional form checks everything once and counts the step in num_batches_tracked
-        # (an empty batch included, as nn.BatchNorm does; momentum=None reads its factor there).
+        # The functional form checks everything once (what is plain, skipped) and counts the step
+        # in num_batches_tracked (an empty batch included, as nn.BatchNorm does; momentum=None
+        # reads its factor there).
         return run_cross_iteration(input, None, conv_weight, self._geometry, window, w, b, rm, rv,
                                 self.training, self.momentum, self.eps, rho, burnin, self.backend,
                                 past=self._stash_take() if use_window and recompute else None,
