@@ -24,6 +24,14 @@ def _may_be_recomputed() -> bool:
     return not torch.is_grad_enabled() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
+def held(module: nn.Module, store: dict, name: str):
+    """``module.<name>``, read from the module's parameter or buffer dict ``store``: a read
+    through ``Module.__getattr__`` costs about 1.3 us on a CPU, a sizable part of a small
+    call's budget. A parametrized one (``torch.nn.utils.parametrize``) is not in the dict and
+    is read through its property, as an attribute read would."""
+    return store[name] if name in store else getattr(module, name)
+
+
 # Backends whose eval of StochNorm and CBN is F.batch_norm itself and of BGN one apply (the
 # reference computes the same maps with its own rounding); None: the default choice.
 _COMPILED_BACKENDS = (None, "cpu", "cuda", "triton")
@@ -120,15 +128,10 @@ class _NormBase(nn.Module):
 
     def _tensors(self):
         """``(weight, bias, running_mean, running_var, num_batches_tracked)`` as the layer
-        holds them, read from its parameter and buffer dicts: a read through
-        ``Module.__getattr__`` costs about 1.3 us on a CPU, a sizable part of a small call's
-        budget. A parametrized one (``torch.nn.utils.parametrize``) is read through its
-        property, as an attribute read would."""
+        holds them (:func:`held`)."""
         p, b = self._parameters, self._buffers
-        return (p["weight"] if "weight" in p else self.weight, p["bias"] if "bias" in p else self.bias,
-                b["running_mean"] if "running_mean" in b else self.running_mean,
-                b["running_var"] if "running_var" in b else self.running_var,
-                b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked)
+        return (held(self, p, "weight"), held(self, p, "bias"), held(self, b, "running_mean"),
+                held(self, b, "running_var"), held(self, b, "num_batches_tracked"))
 
     def _plain_input(self, input, rm: Optional[torch.Tensor], w: Optional[torch.Tensor]) -> bool:
         """Whether the input and the layer's tensors are plainly what the kernels take: a

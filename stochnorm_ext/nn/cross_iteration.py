@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .. import _checks
 from ..cbn_window import CBNWindow, ConvGeometry
 from ..functional import run_cross_iteration
-from ._base import _in_backward_recompute, _NormBase
+from ._base import _in_backward_recompute, _NormBase, held
 
 __all__ = ["CrossIterationBatchNorm2d", "Conv2dCBN"]
 
@@ -20,9 +20,9 @@ _WINDOW_FIELDS = ("mean", "var", "dmu", "dvar", "dmu_w", "dvar_w", "valid", "hea
 
 
 def _conv_tensors(conv: nn.Conv2d):
-    """The conv's weight and bias, read as ``_NormBase._tensors`` reads the layer's own."""
+    """The conv's weight and bias (read as the layer reads its own: :func:`._base.held`)."""
     p = conv._parameters
-    return (p["weight"] if "weight" in p else conv.weight, p["bias"] if "bias" in p else conv.bias)
+    return held(conv, p, "weight"), held(conv, p, "bias")
 
 
 class _CaptureConvInput:
