@@ -1,9 +1,10 @@
 // The small per-statistic math between the big passes: ONE coefficient step per op.
 //
-// Every layer is "stats pass -> coefficient step" (the statistics ops) then "tables step ->
-// apply pass" (norm_apply); the one backward is "sums pass -> coefficient step -> apply pass"
-// (norm_backward). The passes are shared kernels over per-segment tables (segment s = c * P + p:
-// piece p of channel c's flattened positions; docs/DESIGN.md); this header holds the rest.
+// Every layer is "stats pass -> coefficient step" (the statistics ops) then the apply pass
+// (norm_apply, which reads the per-statistic tables itself: ApplyTables); the one backward is
+// "sums pass -> coefficient step -> apply pass" (norm_backward). The passes are shared kernels
+// over segments (segment s = c * P + p: piece p of channel c's flattened positions;
+// docs/DESIGN.md); this header holds the rest.
 //
 // Statistics (docs/SPEC.md, grouping rule): num_stats G = C per channel (StochNorm, CBN, BGN
 // with G == C); G | C: statistic g covers the segments (= channels, P = 1) g*spg .. (g+1)*spg-1;
@@ -47,7 +48,7 @@ C10_HOST_DEVICE inline T inverse_std(T var, T eps) {
 // ------------------------------------------------------------------ the running statistics
 // BatchNorm's EMA, done in place by the statistics step (one thread per statistic reads its
 // entries before writing them): f = momentum, or 1 / num_batches_tracked when momentum is
-// None (read from the tensor, already incremented by this call: no host sync);
+// None (read from the tensor, already incremented by this call's stats pass: no host sync);
 // rm = (1 - f) rm + f mean, rv = (1 - f) rv + f var * M / (M - 1).
 template <typename T>
 struct RunningUpdate {
@@ -188,45 +189,38 @@ struct BatchGroupNormStatsStep {
   }
 };
 
-// ------------------------------------------------------------------ norm_apply (index step, C*P)
-// The per-segment tables of the apply pass y = (x - center) * scale + shift.
+// ------------------------------------------------------------------ what the passes read
+// The apply and backward passes read their per-segment coefficients from the per-statistic
+// tables themselves (no tables step between a coefficient step and a pass): segment s has
+// statistic g = s / spg and channel c = s / P.
+
+// The centre of segment s, as the sums and apply passes subtract it.
+template <typename T>
+struct CenterTable {
+  const T* center;            // (G,)
+  int64_t segments_per_stat;  // spg; 1: one entry per segment
+
+  C10_HOST_DEVICE T operator[](int64_t s) const { return center[s / segments_per_stat]; }
+};
+
+// The apply pass y = (x - center) * scale + shift: center = center[g],
+// scale = weight[c] * rsqrt(var[g] + eps), shift = bias[c]. Without var, scale = weight[c]: the
+// per-segment tables of the segment_apply op (spg = P = 1: one entry per segment).
 template <typename T>
 struct ApplyTables {
   int64_t segments_per_stat;  // spg
   int64_t pieces;             // P
   const T* center;            // (G,)
-  const T* var;
+  const T* var;               // (G,) or nullptr
   const T* weight;            // (C,) or nullptr
   const T* bias;
   T eps;
-  T* seg_center;              // (C*P,)
-  T* seg_scale;
-  T* seg_shift;
-};
 
-struct ApplyTablesStep {
-  template <typename T>
-  C10_HOST_DEVICE void operator()(int64_t s, const ApplyTables<T>& a) const {
-    const int64_t g = s / a.segments_per_stat, c = s / a.pieces;
-    a.seg_center[s] = a.center[g];
-    a.seg_scale[s] = weight_or_one(a.weight, c) * inverse_std(a.var[g], a.eps);
-    a.seg_shift[s] = bias_or_zero(a.bias, c);
-  }
-};
-
-// Each segment centred on its statistic's centre (the sums and apply passes of the backward
-// read per-segment tables; only needed when a statistic covers several channels).
-template <typename T>
-struct SegmentCenters {
-  int64_t segments_per_stat;
-  const T* center;            // (G,)
-  T* seg_center;              // (C*P,)
-};
-
-struct SegmentCentersStep {
-  template <typename T>
-  C10_HOST_DEVICE void operator()(int64_t s, const SegmentCenters<T>& a) const {
-    a.seg_center[s] = a.center[s / a.segments_per_stat];
+  C10_HOST_DEVICE void at(int64_t s, T& center_s, T& scale_s, T& shift_s) const {
+    const int64_t g = s / segments_per_stat, c = s / pieces;
+    center_s = center[g];
+    scale_s = var != nullptr ? weight_or_one(weight, c) * inverse_std(var[g], eps) : weight_or_one(weight, c);
+    shift_s = bias_or_zero(bias, c);
   }
 };
 

@@ -14,6 +14,8 @@
 #include <optional>
 #include <string>
 
+#include "coefficients.h"
+
 namespace stochnorm_ext::common {
 
 // Device passes the ops have launched since the library was loaded (kernels on CUDA, passes
@@ -213,6 +215,21 @@ template <typename T>
 T* mutable_ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
+
+// What the apply pass reads (coefficients::ApplyTables): dense tables in the accumulation type,
+// checked by the op that builds them. Per statistic (norm_apply: spg, P of the grouping) or
+// per segment (the segment_apply op: var undefined, weight = scale, bias = shift, spg = P = 1).
+struct ApplyArgs {
+  at::Tensor center, var, weight, bias;
+  int64_t segments_per_stat = 1, pieces = 1;
+  double eps = 0.0;
+
+  template <typename T>
+  coefficients::ApplyTables<T> tables() const {
+    return {segments_per_stat, pieces, center.const_data_ptr<T>(), ptr_or_null<T>(var), ptr_or_null<T>(weight),
+            ptr_or_null<T>(bias), T(eps)};
+  }
+};
 
 // Parameter gradients come back in the weight's dtype (the accumulation type without weight).
 inline at::Tensor in_weight_dtype(const at::Tensor& grad, const std::optional<at::Tensor>& weight) {

@@ -10,10 +10,11 @@
 //   Guard enter(const Tensor& input, const char* op)  checks that the input is on this device
 //       and returns what must live for the whole op (CUDA: a CUDAGuard on the input's device)
 //   segment_stats, segment_apply, segment_grad_sums, segment_grad_apply  the four passes on
-//       SegmentInputs (csrc/cpu/segment_core.h, csrc/cuda/segment_core.h)
+//       SegmentInputs (csrc/cpu/segment_core.h, csrc/cuda/segment_core.h); the stats pass
+//       also counts the step (num_batches_tracked += 1), the others read the per-statistic
+//       tables themselves (coefficients.h: ApplyTables, CenterTable)
 //   for_each_index<Step>(n, args)            Step()(i, args) for every i < n, in stream order
 //   for_each_unit<Step>(units, members, args) partial / combine / finish of a unit step
-//   increment(Tensor count)                   count += 1 (num_batches_tracked)
 // Every use goes through Launch<Device> below, which counts it (common::count_launch): the
 // launches per op are a tested fact (tests/test_ops.py).
 //
@@ -46,22 +47,23 @@ using common::ptr_or_null;
 // The Device abstraction as the ops use it: every pass, step and ATen launch counted once.
 template <typename Device>
 struct Launch {
-  static std::tuple<Tensor, Tensor> stats(const common::SegmentInput& in) {
+  static std::tuple<Tensor, Tensor> stats(const common::SegmentInput& in, const Tensor& step_count = Tensor()) {
     common::count_launch();
-    return Device::segment_stats(in);
+    return Device::segment_stats(in, step_count);
   }
-  static Tensor apply(const common::SegmentInput& in, const Tensor& c, const Tensor& a, const Tensor& b) {
+  static Tensor apply(const common::SegmentInput& in, const common::ApplyArgs& args) {
     common::count_launch();
-    return Device::segment_apply(in, c, a, b);
+    return Device::segment_apply(in, args);
   }
-  static std::tuple<Tensor, Tensor> grad_sums(const Tensor& dy, const common::SegmentInput& in, const Tensor& c) {
+  static std::tuple<Tensor, Tensor> grad_sums(const Tensor& dy, const common::SegmentInput& in, const Tensor& c,
+                                              int64_t spg) {
     common::count_launch();
-    return Device::segment_grad_sums(dy, in, c);
+    return Device::segment_grad_sums(dy, in, c, spg);
   }
-  static Tensor grad_apply(const Tensor& dy, const common::SegmentInput& in, const Tensor& c, const Tensor& k_dy,
-                           const Tensor& k_x, const Tensor& k_0) {
+  static Tensor grad_apply(const Tensor& dy, const common::SegmentInput& in, const Tensor& c, int64_t spg,
+                           const Tensor& k_dy, const Tensor& k_x, const Tensor& k_0) {
     common::count_launch();
-    return Device::segment_grad_apply(dy, in, c, k_dy, k_x, k_0);
+    return Device::segment_grad_apply(dy, in, c, spg, k_dy, k_x, k_0);
   }
   template <typename Step, typename Args>
   static void each_index(int64_t n, const Args& args) {
@@ -75,10 +77,6 @@ struct Launch {
     common::count_launch();
     Device::template for_each_unit<Step>(units, members, args);
   }
-  static void increment(const Tensor& count) {
-    common::count_launch();
-    Device::increment(count);
-  }
   static void copy_back(const Tensor& dst, const Tensor& src) {
     common::count_launch();
     dst.copy_(src);
@@ -90,8 +88,9 @@ inline at::TensorOptions acc_options(const Tensor& input) {
 }
 
 // ======================================================================== statistics ops
-// Checks first (nothing is mutated before every check has passed), then: the stats pass, the
-// step count (before the step reads it), ONE coefficient step that also does the EMA in place.
+// Checks first (nothing is mutated before every check has passed), then: the stats pass, which
+// also counts the step (num_batches_tracked += 1, before the coefficient step reads it), and
+// ONE coefficient step that also does the EMA in place.
 
 template <typename Device>
 std::tuple<Tensor, Tensor, Tensor> stoch_norm_stats(const Tensor& input, const Tensor& running_mean,
@@ -108,8 +107,7 @@ std::tuple<Tensor, Tensor, Tensor> stoch_norm_stats(const Tensor& input, const T
   StatsArgs args(input, running_mean, running_var, C, momentum, num_batches_tracked, update_stats, true, op);
   const at::TensorOptions acc = acc_options(input);
   Tensor center = new_output({C}, acc), var = new_output({C}, acc), red = new_output({C}, acc);
-  auto [seg_mean, seg_m2] = Launch<Device>::stats(in);
-  args.template before_step<Launch<Device>>();
+  auto [seg_mean, seg_m2] = Launch<Device>::stats(in, args.step_count);
   STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
     const cf::StochNormStats<scalar_t> a{seg_mean.template const_data_ptr<double>(),
                                          seg_m2.template const_data_ptr<double>(),
@@ -143,8 +141,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_group_norm_stats(const Tensor& input, i
                  num_batches_tracked, update_stats, false, op);
   const at::TensorOptions acc = acc_options(input);
   Tensor center = new_output({G}, acc), var = new_output({G}, acc), red = new_output({G}, acc);
-  auto [seg_mean, seg_m2] = Launch<Device>::stats(in);
-  args.template before_step<Launch<Device>>();
+  auto [seg_mean, seg_m2] = Launch<Device>::stats(in, args.step_count);
   STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
     const cf::BatchGroupNormStats<scalar_t> a{spg,
                                               seg_mean.template const_data_ptr<double>(),
@@ -184,8 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cross_iteration_norm_stats(
                  num_batches_tracked, update_stats, false, op);
   Tensor mu_t = new_output({C}, acc), var_t = new_output({C}, acc);
   Tensor center = new_output({C}, acc), var = new_output({C}, acc), red = new_output({C}, acc);
-  auto [seg_mean, seg_m2] = Launch<Device>::stats(in);
-  args.template before_step<Launch<Device>>();
+  auto [seg_mean, seg_m2] = Launch<Device>::stats(in, args.step_count);
   STOCHNORM_ACC_DISPATCH(acc_type, op, [&] {
     const cf::CrossIterationStats<scalar_t> a{seg_mean.template const_data_ptr<double>(),
                                               seg_m2.template const_data_ptr<double>(),
@@ -207,7 +203,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cross_iteration_norm_stats(
 }
 
 // ======================================================================== apply and backward
-// The statistic tables (G,) of norm_apply / norm_backward and the grouping they imply.
+// The statistic tables (G,) of norm_apply / norm_backward and the grouping they imply; the
+// passes read them per segment themselves (one launch for the apply, none between).
 struct Grouping {
   int64_t C, G, P, spg;  // channels, statistics, pieces per channel, segments per statistic
 };
@@ -226,21 +223,11 @@ Tensor norm_apply(const Tensor& input, const std::optional<Tensor>& weight, cons
   [[maybe_unused]] const auto guard = Device::enter(input, op);
   const Grouping g = grouping(input, num_groups, op);
   const common::SegmentInput in = common::segment_input(input, g.P);
-  const at::TensorOptions acc = acc_options(input);
   const Tensor w = acc_vector(weight, g.C, input, op, "weight"), b = acc_vector(bias, g.C, input, op, "bias");
   const Tensor ctr = common::required_acc_vector(center, g.G, input, op, "center");
   const Tensor v = common::required_acc_vector(var, g.G, input, op, "var");
   acc_vector(red, g.G, input, op, "red");  // checked only: the forward does not read it
-  Tensor seg_center = at::empty({g.C, g.P}, acc), seg_scale = at::empty({g.C, g.P}, acc),
-         seg_shift = at::empty({g.C, g.P}, acc);
-  STOCHNORM_ACC_DISPATCH(acc.dtype().toScalarType(), op, [&] {
-    const cf::ApplyTables<scalar_t> a{g.spg, g.P, ctr.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                      ptr_or_null<scalar_t>(w), ptr_or_null<scalar_t>(b), scalar_t(eps),
-                                      seg_center.data_ptr<scalar_t>(), seg_scale.data_ptr<scalar_t>(),
-                                      seg_shift.data_ptr<scalar_t>()};
-    Launch<Device>::template each_index<cf::ApplyTablesStep>(g.C * g.P, a);
-  });
-  return Launch<Device>::apply(in, seg_center, seg_scale, seg_shift);
+  return Launch<Device>::apply(in, common::ApplyArgs{ctr, v, w, b, g.spg, g.P, eps});
 }
 
 template <typename Device>
@@ -261,20 +248,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad_output, cons
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   // dy dense in x's layout once (e.g. the expanded gradient of y.sum()), not once per pass.
   const Tensor dy = common::same_layout(grad_output, in);
-  // The apply passes read per-segment centres: the statistic tables themselves when each
-  // statistic is one segment (G = C * P), else one step spreading them over the segments.
-  Tensor seg_center = g.spg == 1 ? ctr.view({g.C, g.P}) : Tensor();
-  if (g.spg > 1 && (need_x || need_w || need_b)) {
-    seg_center = at::empty({g.C, g.P}, acc);
-    STOCHNORM_ACC_DISPATCH(acc_type, op, [&] {
-      const cf::SegmentCenters<scalar_t> a{g.spg, ctr.const_data_ptr<scalar_t>(), seg_center.data_ptr<scalar_t>()};
-      Launch<Device>::template each_index<cf::SegmentCentersStep>(g.C * g.P, a);
-    });
-  }
   // The sums are needed by the parameter gradients and by the reduction terms (red given).
   Tensor sum_dy, sum_dy_xc;
   if (need_w || need_b || (need_x && r.defined())) {
-    std::tie(sum_dy, sum_dy_xc) = Launch<Device>::grad_sums(dy, in, seg_center);
+    std::tie(sum_dy, sum_dy_xc) = Launch<Device>::grad_sums(dy, in, ctr, g.spg);
   }
   Tensor k_dy, k_x, k_0;
   if (need_x) k_dy = at::empty({g.C, g.P}, acc), k_x = at::empty({g.C, g.P}, acc), k_0 = at::empty({g.C, g.P}, acc);
@@ -302,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& grad_output, cons
       }
     });
   }
-  Tensor grad_input = need_x ? Launch<Device>::grad_apply(dy, in, seg_center, k_dy, k_x, k_0)
+  Tensor grad_input = need_x ? Launch<Device>::grad_apply(dy, in, ctr, g.spg, k_dy, k_x, k_0)
                              : at::empty({0}, input.options());
   return {grad_input, common::in_weight_dtype(grad_weight, weight), common::in_weight_dtype(grad_bias, weight)};
 }
@@ -498,25 +475,32 @@ std::tuple<Tensor, Tensor> segment_stats_op(const Tensor& input, int64_t pieces)
   return Launch<Device>::stats(common::segment_input(input, pieces));
 }
 
+// The per-segment tables given as they are: one entry per segment (spg = P = 1 in the
+// tables' indexing), scale and shift as weight and bias (coefficients::ApplyTables).
 template <typename Device>
 Tensor segment_apply_op(const Tensor& input, const Tensor& center, const Tensor& scale, const Tensor& shift) {
   [[maybe_unused]] const auto guard = Device::enter(input, "segment_apply");
-  return Launch<Device>::apply(common::segment_input(input, common::pieces_of(input, center)), center, scale, shift);
+  const common::SegmentInput in = common::segment_input(input, common::pieces_of(input, center));
+  const Tensor c = common::table_arg(center, in, "center"), a = common::table_arg(scale, in, "scale"),
+               b = common::table_arg(shift, in, "shift");
+  return Launch<Device>::apply(in, common::ApplyArgs{c, Tensor(), a, b, 1, 1, 0.0});
 }
 
 template <typename Device>
 std::tuple<Tensor, Tensor> segment_grad_sums_op(const Tensor& grad_output, const Tensor& input, const Tensor& center) {
   [[maybe_unused]] const auto guard = Device::enter(input, "segment_grad_sums");
-  return Launch<Device>::grad_sums(grad_output, common::segment_input(input, common::pieces_of(input, center)),
-                                   center);
+  const common::SegmentInput in = common::segment_input(input, common::pieces_of(input, center));
+  return Launch<Device>::grad_sums(grad_output, in, common::table_arg(center, in, "center"), 1);
 }
 
 template <typename Device>
 Tensor segment_grad_apply_op(const Tensor& grad_output, const Tensor& input, const Tensor& center, const Tensor& k_dy,
                              const Tensor& k_x, const Tensor& k_0) {
   [[maybe_unused]] const auto guard = Device::enter(input, "segment_grad_apply");
-  return Launch<Device>::grad_apply(grad_output, common::segment_input(input, common::pieces_of(input, center)),
-                                    center, k_dy, k_x, k_0);
+  const common::SegmentInput in = common::segment_input(input, common::pieces_of(input, center));
+  return Launch<Device>::grad_apply(grad_output, in, common::table_arg(center, in, "center"), 1,
+                                    common::table_arg(k_dy, in, "k_dy"), common::table_arg(k_x, in, "k_x"),
+                                    common::table_arg(k_0, in, "k_0"));
 }
 
 // Every device op of the library (schemas: csrc/ops.cpp), for one device.

@@ -1,5 +1,6 @@
 // The running-statistics arguments of the three statistics ops (csrc/ops_impl.h): their checks,
-// the step count, and what the coefficient step needs to do the EMA in place.
+// the step count (which the stats pass increments), and what the coefficient step needs to do
+// the EMA in place.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,7 +19,7 @@ namespace stochnorm_ext::ops_impl {
 struct StatsArgs {
   at::Tensor rm, rv;          // what the step reads and writes (the buffers, or working copies)
   at::Tensor rm_buf, rv_buf;  // the buffers, when rm / rv are working copies to copy back
-  at::Tensor step_count;      // num_batches_tracked, incremented before the step (when updating)
+  at::Tensor step_count;      // num_batches_tracked, incremented by the stats pass (when counted)
   bool update = false;        // the EMA runs
   std::optional<double> momentum;
 
@@ -64,12 +65,6 @@ struct StatsArgs {
       if (update && !rm.is_same(running_mean)) rm_buf = running_mean;
       if (update && !rv.is_same(running_var)) rv_buf = running_var;
     }
-  }
-
-  // The step count first: the step reads 1 / num_batches_tracked after this call's increment.
-  template <typename Launch>
-  void before_step() const {
-    if (step_count.defined()) Launch::increment(step_count);
   }
 
   template <typename T>

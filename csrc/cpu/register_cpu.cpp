@@ -35,9 +35,6 @@ struct CpuDevice {
       for (int64_t m = 0; m < members; ++m) step.finish(u, m, total, args);
     }
   }
-
-  // num_batches_tracked += 1 in place (a host write: no ATen dispatch on the CPU).
-  static void increment(const at::Tensor& count) { *count.data_ptr<int64_t>() += 1; }
 };
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <ATen/Version.h>
 
 #include <string>
+#include <vector>
 
 namespace stochnorm_ext::cpu {
 
@@ -25,63 +26,73 @@ const KernelTable& kernel_table() {
   return *table;
 }
 
-using common::table_arg;
 using common::table_options;
 
 #define STOCHNORM_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
-std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in) {
+// The kernels read one table entry per segment: the per-statistic forms of coefficients.h
+// spread over the segments first (C * P values: a loop, no allocation through ATen).
+template <typename T>
+std::vector<T> segment_centers(const at::Tensor& center, int64_t segments_per_stat, int64_t segments) {
+  const coefficients::CenterTable<T> table{center.const_data_ptr<T>(), segments_per_stat};
+  std::vector<T> out(segments);
+  for (int64_t s = 0; s < segments; ++s) out[s] = table[s];
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count) {
   at::Tensor mean = new_output({in.channels, in.pieces}, common::stats_table_options(in));
   at::Tensor m2 = new_output({in.channels, in.pieces}, common::stats_table_options(in));
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_stats", [&] {
     kernel_table().get<scalar_t>().stats(in.geometry, in.x.const_data_ptr<scalar_t>(), mean.data_ptr<double>(),
                                          m2.data_ptr<double>());
   });
+  if (step_count.defined()) *step_count.data_ptr<int64_t>() += 1;  // a host write: no ATen dispatch
   return {mean, m2};
 }
 
-at::Tensor segment_apply(const SegmentInput& in, const at::Tensor& center, const at::Tensor& scale,
-                         const at::Tensor& shift) {
-  const at::Tensor c = table_arg(center, in, "center"), a = table_arg(scale, in, "scale"),
-                   b = table_arg(shift, in, "shift");
+at::Tensor segment_apply(const SegmentInput& in, const common::ApplyArgs& args) {
   at::Tensor y = new_output(in.x.sizes(), in.x.options(), in.format);
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    kernel_table().get<scalar_t>().apply(in.geometry, in.x.const_data_ptr<scalar_t>(), c.const_data_ptr<acc_t>(),
-                                         a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-                                         y.data_ptr<scalar_t>());
+    const coefficients::ApplyTables<acc_t> tables = args.tables<acc_t>();
+    const int64_t segments = in.channels * in.pieces;
+    std::vector<acc_t> center(segments), scale(segments), shift(segments);
+    for (int64_t s = 0; s < segments; ++s) tables.at(s, center[s], scale[s], shift[s]);
+    kernel_table().get<scalar_t>().apply(in.geometry, in.x.const_data_ptr<scalar_t>(), center.data(), scale.data(),
+                                         shift.data(), y.data_ptr<scalar_t>());
   });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_output, const SegmentInput& in,
-                                                     const at::Tensor& center) {
+                                                     const at::Tensor& center, int64_t segments_per_stat) {
   const at::Tensor dy = same_layout(grad_output, in);
-  const at::Tensor c = table_arg(center, in, "center");
   at::Tensor sum_dy = new_output({in.channels, in.pieces}, table_options(in));
   at::Tensor sum_dy_xc = new_output({in.channels, in.pieces}, table_options(in));
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_grad_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> c = segment_centers<acc_t>(center, segments_per_stat, in.channels * in.pieces);
     kernel_table().get<scalar_t>().grad_sums(in.geometry, dy.const_data_ptr<scalar_t>(),
-                                             in.x.const_data_ptr<scalar_t>(), c.const_data_ptr<acc_t>(),
-                                             sum_dy.data_ptr<acc_t>(), sum_dy_xc.data_ptr<acc_t>());
+                                             in.x.const_data_ptr<scalar_t>(), c.data(), sum_dy.data_ptr<acc_t>(),
+                                             sum_dy_xc.data_ptr<acc_t>());
   });
   return {sum_dy, sum_dy_xc};
 }
 
 at::Tensor segment_grad_apply(const at::Tensor& grad_output, const SegmentInput& in, const at::Tensor& center,
-                              const at::Tensor& k_dy, const at::Tensor& k_x, const at::Tensor& k_0) {
+                              int64_t segments_per_stat, const at::Tensor& k_dy, const at::Tensor& k_x,
+                              const at::Tensor& k_0) {
   const at::Tensor dy = same_layout(grad_output, in);
-  const at::Tensor c = table_arg(center, in, "center"), a = table_arg(k_dy, in, "k_dy"),
-                   b = table_arg(k_x, in, "k_x"), z = table_arg(k_0, in, "k_0");
   at::Tensor dx = new_output(in.x.sizes(), in.x.options(), in.format);
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_grad_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> c = segment_centers<acc_t>(center, segments_per_stat, in.channels * in.pieces);
     kernel_table().get<scalar_t>().grad_apply(in.geometry, dy.const_data_ptr<scalar_t>(),
-                                              in.x.const_data_ptr<scalar_t>(), c.const_data_ptr<acc_t>(),
-                                              a.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-                                              z.const_data_ptr<acc_t>(), dx.data_ptr<scalar_t>());
+                                              in.x.const_data_ptr<scalar_t>(), c.data(), k_dy.const_data_ptr<acc_t>(),
+                                              k_x.const_data_ptr<acc_t>(), k_0.const_data_ptr<acc_t>(),
+                                              dx.data_ptr<scalar_t>());
   });
   return dx;
 }

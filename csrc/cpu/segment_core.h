@@ -73,13 +73,16 @@ using common::poison_outputs;
 using common::same_layout;
 using common::segment_input;
 
-// The four passes on tensors; tables are (C, P) in the accumulation type (statistics: double).
-std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in);
-at::Tensor segment_apply(const SegmentInput& in, const at::Tensor& center, const at::Tensor& scale,
-                         const at::Tensor& shift);
+// The four passes on tensors, over tables the ops have checked (dense, accumulation type;
+// statistics: double). The stats pass also counts the step: step_count (num_batches_tracked,
+// or undefined) += 1. The apply pass reads common::ApplyArgs; the backward passes the centres
+// of coefficients::CenterTable (per statistic, spg segments each) and (C, P) coefficient tables.
+std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count);
+at::Tensor segment_apply(const SegmentInput& in, const common::ApplyArgs& args);
 std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_output, const SegmentInput& in,
-                                                     const at::Tensor& center);
+                                                     const at::Tensor& center, int64_t segments_per_stat);
 at::Tensor segment_grad_apply(const at::Tensor& grad_output, const SegmentInput& in, const at::Tensor& center,
-                              const at::Tensor& k_dy, const at::Tensor& k_x, const at::Tensor& k_0);
+                              int64_t segments_per_stat, const at::Tensor& k_dy, const at::Tensor& k_x,
+                              const at::Tensor& k_0);
 
 }  // namespace stochnorm_ext::cpu

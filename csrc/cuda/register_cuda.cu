@@ -101,10 +101,6 @@ struct CudaDevice {
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-
-  // num_batches_tracked += 1: one ATen add_ on the stream, before the coefficient kernel reads
-  // it (an increment inside that kernel would race with the threads reading it).
-  static void increment(const at::Tensor& count) { count.add_(1); }
 };
 
 }  // namespace

@@ -26,13 +26,16 @@ namespace stochnorm_ext::cuda {
 
 using common::SegmentInput;
 
-std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in);
-at::Tensor segment_apply(const SegmentInput& in, const at::Tensor& center, const at::Tensor& scale,
-                         const at::Tensor& shift);
+// Over tables the ops have checked. The stats pass also counts the step (step_count, or
+// undefined, += 1 by one thread); the apply pass reads common::ApplyArgs; the backward passes
+// the centres of coefficients::CenterTable (spg segments per entry).
+std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count);
+at::Tensor segment_apply(const SegmentInput& in, const common::ApplyArgs& args);
 std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_output, const SegmentInput& in,
-                                                     const at::Tensor& center);
+                                                     const at::Tensor& center, int64_t segments_per_stat);
 at::Tensor segment_grad_apply(const at::Tensor& grad_output, const SegmentInput& in, const at::Tensor& center,
-                              const at::Tensor& k_dy, const at::Tensor& k_x, const at::Tensor& k_0);
+                              int64_t segments_per_stat, const at::Tensor& k_dy, const at::Tensor& k_x,
+                              const at::Tensor& k_0);
 
 // ------------------------------------------------------------------------------ launch helpers
 // Shared by segment_reduce.cu and segment_apply.cu.

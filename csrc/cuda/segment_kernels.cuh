@@ -92,12 +92,15 @@ __device__ __forceinline__ void for_each_interleaved_tile(const WalkGeometry& g,
 }
 
 // ------------------------------------------------------------------------------ statistics
+// The pass also counts the step: one thread of the launch increments step_count (no other
+// thread of the pass reads it; the coefficient step after it reads the new count).
 // Single split (part_count == nullptr): the final mean (shift added back, in double) and m2
 // go to the double tables mean[segment], m2[segment]. Several splits: partials of the shifted
 // values go to part_*[split * segments + segment] and the blocks of split 0 write each
 // segment's shift to part_shift[segment], which merge_stats_kernel adds back.
 template <typename acc_t>
 struct StatsOut {
+  int64_t* step_count;  // num_batches_tracked (+= 1 by one thread of the pass), or nullptr
   acc_t* part_count;
   acc_t* part_mean;
   acc_t* part_m2;
@@ -118,11 +121,19 @@ struct StatsOut {
     part_m2[i] = m2_value;
     if (split == 0) part_shift[segment] = shift;
   }
+
+  __device__ __forceinline__ void count_step() const {
+    if (step_count != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0 &&
+        threadIdx.y == 0) {
+      *step_count += 1;
+    }
+  }
 };
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     planar_stats_kernel(WalkGeometry g, const scalar_t* __restrict__ x, StatsOut<acc_type<scalar_t>> out) {
+  out.count_step();
   const int64_t segments = g.segments();
   for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
     auto m = planar_thread_stats<scalar_t, V>(g, x, r, first, stride);
@@ -134,6 +145,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     interleaved_stats_kernel(WalkGeometry g, const scalar_t* __restrict__ x, StatsOut<acc_type<scalar_t>> out) {
+  out.count_step();
   const int64_t segments = g.segments();
   for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
     auto m = interleaved_thread_stats<scalar_t, V>(g, x, cv, p, first, stride);
@@ -176,7 +188,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     planar_grad_sums_kernel(WalkGeometry g, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                            const acc_type<scalar_t>* __restrict__ center, acc_type<scalar_t>* __restrict__ out_dy,
+                            coefficients::CenterTable<acc_type<scalar_t>> center, acc_type<scalar_t>* __restrict__ out_dy,
                             acc_type<scalar_t>* __restrict__ out_dy_xc) {
   const int64_t segments = g.segments();
   for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
@@ -193,7 +205,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     interleaved_grad_sums_kernel(WalkGeometry g, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                 const acc_type<scalar_t>* __restrict__ center,
+                                 coefficients::CenterTable<acc_type<scalar_t>> center,
                                  acc_type<scalar_t>* __restrict__ out_dy, acc_type<scalar_t>* __restrict__ out_dy_xc) {
   const int64_t segments = g.segments();
   for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
@@ -232,28 +244,29 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 // ------------------------------------------------------------------------------ elementwise passes
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
-    planar_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ x, const acc_type<scalar_t>* __restrict__ center,
-                        const acc_type<scalar_t>* __restrict__ scale, const acc_type<scalar_t>* __restrict__ shift,
-                        scalar_t* __restrict__ y) {
+    planar_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ x,
+                        coefficients::ApplyTables<acc_type<scalar_t>> tables, scalar_t* __restrict__ y) {
   for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
-    planar_thread_apply<scalar_t, V>(g, x, y, center[r], scale[r], shift[r], r, first, stride);
+    acc_type<scalar_t> center, scale, shift;
+    tables.at(r, center, scale, shift);
+    planar_thread_apply<scalar_t, V>(g, x, y, center, scale, shift, r, first, stride);
   });
 }
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     interleaved_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ x,
-                             const acc_type<scalar_t>* __restrict__ center, const acc_type<scalar_t>* __restrict__ scale,
-                             const acc_type<scalar_t>* __restrict__ shift, scalar_t* __restrict__ y) {
+                             coefficients::ApplyTables<acc_type<scalar_t>> tables, scalar_t* __restrict__ y) {
   for_each_interleaved_tile<V>(g, [&](int64_t cv, int64_t p, int64_t first, int64_t stride) {
-    interleaved_thread_apply<scalar_t, V>(g, x, y, center, scale, shift, cv, p, first, stride);
+    interleaved_thread_apply<scalar_t, V>(g, x, y, tables, cv, p, first, stride);
   });
 }
 
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     planar_grad_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                             const acc_type<scalar_t>* __restrict__ center, const acc_type<scalar_t>* __restrict__ k_dy,
+                             coefficients::CenterTable<acc_type<scalar_t>> center,
+                             const acc_type<scalar_t>* __restrict__ k_dy,
                              const acc_type<scalar_t>* __restrict__ k_x, const acc_type<scalar_t>* __restrict__ k_0,
                              scalar_t* __restrict__ dx) {
   for_each_planar_segment(g, [&](int64_t r, int64_t first, int64_t stride) {
@@ -264,7 +277,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kMaxBlockThreads)
     interleaved_grad_apply_kernel(WalkGeometry g, const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                  const acc_type<scalar_t>* __restrict__ center,
+                                  coefficients::CenterTable<acc_type<scalar_t>> center,
                                   const acc_type<scalar_t>* __restrict__ k_dy,
                                   const acc_type<scalar_t>* __restrict__ k_x,
                                   const acc_type<scalar_t>* __restrict__ k_0, scalar_t* __restrict__ dx) {

@@ -19,7 +19,8 @@ int merge_threads(int64_t splits) {
 unsigned merge_blocks(int64_t segments) { return static_cast<unsigned>(std::min(segments, kMaxGridX)); }
 
 template <typename scalar_t, int V>
-void launch_stats(const common::SegmentGeometry& geo, const scalar_t* x, at::Tensor& mean, at::Tensor& m2) {
+void launch_stats(const common::SegmentGeometry& geo, const scalar_t* x, int64_t* step_count, at::Tensor& mean,
+                  at::Tensor& m2) {
   using acc_t = acc_type<scalar_t>;
   const WalkGeometry g = walk_geometry(geo);
   const LaunchShape shape = plan(geo, V, kMaxReduceSplits);
@@ -28,7 +29,7 @@ void launch_stats(const common::SegmentGeometry& geo, const scalar_t* x, at::Ten
   // One split: the blocks write the final (double) tables. Several: partials [split][segment]
   // in the accumulation type, merged after.
   at::Tensor part_count, part_mean, part_m2, part_shift;
-  StatsOut<acc_t> out{nullptr, nullptr, nullptr, nullptr, mean.data_ptr<double>(), m2.data_ptr<double>()};
+  StatsOut<acc_t> out{step_count, nullptr, nullptr, nullptr, nullptr, mean.data_ptr<double>(), m2.data_ptr<double>()};
   if (shape.splits > 1) {
     const at::TensorOptions acc = mean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     part_count = at::empty({shape.splits, segments}, acc);
@@ -58,7 +59,8 @@ void launch_stats(const common::SegmentGeometry& geo, const scalar_t* x, at::Ten
 
 template <typename scalar_t, int V>
 void launch_grad_sums(const common::SegmentGeometry& geo, const scalar_t* dy, const scalar_t* x,
-                      const acc_type<scalar_t>* center, at::Tensor& sum_dy, at::Tensor& sum_dy_xc) {
+                      coefficients::CenterTable<acc_type<scalar_t>> center, at::Tensor& sum_dy,
+                      at::Tensor& sum_dy_xc) {
   using acc_t = acc_type<scalar_t>;
   const WalkGeometry g = walk_geometry(geo);
   const LaunchShape shape = plan(geo, V, kMaxReduceSplits);
@@ -91,31 +93,31 @@ void launch_grad_sums(const common::SegmentGeometry& geo, const scalar_t* dy, co
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in) {
+std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count) {
   at::Tensor mean = common::new_output({in.channels, in.pieces}, common::stats_table_options(in));
   at::Tensor m2 = common::new_output({in.channels, in.pieces}, common::stats_table_options(in));
-  if (mean.numel() == 0) return {mean, m2};
-  if (in.x.numel() == 0) {  // no values: empty moments, as the CPU core gives
+  if (mean.numel() == 0 || in.x.numel() == 0) {  // no values: empty moments, as the CPU core gives
     mean.zero_();
     m2.zero_();
+    if (step_count.defined()) step_count.add_(1);
     return {mean, m2};
   }
   check_geometry(in.geometry);
+  int64_t* count = step_count.defined() ? step_count.data_ptr<int64_t>() : nullptr;
   STOCHNORM_CUDA_DISPATCH(in.x.scalar_type(), "segment_stats_cuda", [&] {
     const scalar_t* x = in.x.const_data_ptr<scalar_t>();
     if (use_packs<scalar_t>(in.geometry, {x})) {
-      launch_stats<scalar_t, kPackWidth<scalar_t>>(in.geometry, x, mean, m2);
+      launch_stats<scalar_t, kPackWidth<scalar_t>>(in.geometry, x, count, mean, m2);
     } else {
-      launch_stats<scalar_t, 1>(in.geometry, x, mean, m2);
+      launch_stats<scalar_t, 1>(in.geometry, x, count, mean, m2);
     }
   });
   return {mean, m2};
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_output, const SegmentInput& in,
-                                                     const at::Tensor& center) {
+                                                     const at::Tensor& center, int64_t segments_per_stat) {
   const at::Tensor dy = common::same_layout(grad_output, in);
-  const at::Tensor c = common::table_arg(center, in, "center");
   at::Tensor sum_dy = common::new_output({in.channels, in.pieces}, common::table_options(in));
   at::Tensor sum_dy_xc = common::new_output({in.channels, in.pieces}, common::table_options(in));
   if (sum_dy.numel() == 0) return {sum_dy, sum_dy_xc};
@@ -129,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_outp
     using acc_t = acc_type<scalar_t>;
     const scalar_t* dy_ptr = dy.const_data_ptr<scalar_t>();
     const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-    const acc_t* center_ptr = c.const_data_ptr<acc_t>();
+    const coefficients::CenterTable<acc_t> center_ptr{center.const_data_ptr<acc_t>(), segments_per_stat};
     if (use_packs<scalar_t>(in.geometry, {dy_ptr, x})) {
       launch_grad_sums<scalar_t, kPackWidth<scalar_t>>(in.geometry, dy_ptr, x, center_ptr, sum_dy, sum_dy_xc);
     } else {

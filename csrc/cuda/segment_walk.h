@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "../coefficients.h"
 #include "reduce_states.h"
 #include "walk_geometry.h"
 
@@ -201,11 +202,11 @@ C10_HOST_DEVICE Moments<acc_type<scalar_t>, V> interleaved_thread_stats(const Wa
   return acc.moments();
 }
 
-// center_table: the (C, P) table of centers; lane k subtracts its segment's.
+// center_table: the segments' centres; lane k subtracts its segment's.
 template <typename scalar_t, int V>
-C10_HOST_DEVICE Sums<acc_type<scalar_t>, V> interleaved_thread_grad_sums(const WalkGeometry& g, const scalar_t* dy,
-                                                                         const scalar_t* x,
-                                                                         const acc_type<scalar_t>* center_table,
+C10_HOST_DEVICE Sums<acc_type<scalar_t>, V> interleaved_thread_grad_sums(
+    const WalkGeometry& g, const scalar_t* dy, const scalar_t* x,
+    const coefficients::CenterTable<acc_type<scalar_t>>& center_table,
                                                                          int64_t cv, int64_t p, int64_t first,
                                                                          int64_t stride) {
   using acc_t = acc_type<scalar_t>;
@@ -220,25 +221,19 @@ C10_HOST_DEVICE Sums<acc_type<scalar_t>, V> interleaved_thread_grad_sums(const W
 
 template <typename scalar_t, int V>
 C10_HOST_DEVICE void interleaved_thread_apply(const WalkGeometry& g, const scalar_t* x, scalar_t* y,
-                                              const acc_type<scalar_t>* center_table,
-                                              const acc_type<scalar_t>* scale_table,
-                                              const acc_type<scalar_t>* shift_table, int64_t cv, int64_t p,
-                                              int64_t first, int64_t stride) {
+                                              const coefficients::ApplyTables<acc_type<scalar_t>>& tables,
+                                              int64_t cv, int64_t p, int64_t first, int64_t stride) {
   using acc_t = acc_type<scalar_t>;
   if (cv * V >= g.C) return;
   acc_t center[V], scale[V], shift[V];
-  for (int k = 0; k < V; ++k) {
-    const int64_t s = interleaved_segment(g, cv, p, k, V);
-    center[k] = center_table[s];
-    scale[k] = scale_table[s];
-    shift[k] = shift_table[s];
-  }
+  for (int k = 0; k < V; ++k) tables.at(interleaved_segment(g, cv, p, k, V), center[k], scale[k], shift[k]);
   thread_apply<scalar_t, V>(g.N, first, stride, g.L, InterleavedOffset<V>{g, cv, p}, x, y, center, scale, shift);
 }
 
 template <typename scalar_t, int V>
 C10_HOST_DEVICE void interleaved_thread_grad_apply(const WalkGeometry& g, const scalar_t* dy, const scalar_t* x,
-                                                   scalar_t* dx, const acc_type<scalar_t>* center_table,
+                                                   scalar_t* dx,
+                                                   const coefficients::CenterTable<acc_type<scalar_t>>& center_table,
                                                    const acc_type<scalar_t>* k_dy_table,
                                                    const acc_type<scalar_t>* k_x_table,
                                                    const acc_type<scalar_t>* k_0_table, int64_t cv, int64_t p,

@@ -131,6 +131,11 @@ void check_case(const WalkGeometry& g, bool interleaved, int64_t target, const c
     sdyxc[s] += dv * (xv - double(center[s]));
   }
   const double rel = sizeof(acc_t) == 8 ? 1e-11 : 5e-6;  // float32: shifted Welford, even at 1e4 offsets
+  // The tables as the kernels read them, one entry per segment (spg = P = 1 in their indexing;
+  // the per-statistic indexing is coefficients.h's, which the CPU backend runs too).
+  const stochnorm_ext::coefficients::CenterTable<acc_t> centers{center.data(), 1};
+  const stochnorm_ext::coefficients::ApplyTables<acc_t> tables{1, 1, center.data(), nullptr, scale.data(),
+                                                               shift.data(), acc_t(0)};
 
   // ---- statistics: per-thread states -> merged per (split, segment) column -> splits in order.
   for (int64_t max_splits : {kMaxReduceSplits, int64_t(3)}) {
@@ -153,7 +158,7 @@ void check_case(const WalkGeometry& g, bool interleaved, int64_t target, const c
       }
       const int64_t cv = a;
       const auto m = interleaved_thread_stats<scalar_t, V>(g, x, cv, p, first, stride);
-      const auto t = interleaved_thread_grad_sums<scalar_t, V>(g, dy, x, center.data(), cv, p, first, stride);
+      const auto t = interleaved_thread_grad_sums<scalar_t, V>(g, dy, x, centers, cv, p, first, stride);
       if (cv * V >= g.C) {
         expect(m.count == 0, name + ": a thread past the channels counted values");
         return;
@@ -212,10 +217,10 @@ void check_case(const WalkGeometry& g, bool interleaved, int64_t target, const c
           planar_thread_grad_apply<scalar_t, V>(g, dy, x, y, center[r], kdy[r], kx[r], k0[r], r, first, stride);
         }
       } else if (pass == 0) {
-        interleaved_thread_apply<scalar_t, V>(g, x, y, center.data(), scale.data(), shift.data(), a, p, first, stride);
+        interleaved_thread_apply<scalar_t, V>(g, x, y, tables, a, p, first, stride);
       } else {
-        interleaved_thread_grad_apply<scalar_t, V>(g, dy, x, y, center.data(), kdy.data(), kx.data(), k0.data(), a, p,
-                                                   first, stride);
+        interleaved_thread_grad_apply<scalar_t, V>(g, dy, x, y, centers, kdy.data(), kx.data(), k0.data(), a, p, first,
+                                                   stride);
       }
     });
     int bad = 0;

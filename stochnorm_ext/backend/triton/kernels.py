@@ -57,16 +57,20 @@ from .tiling import _chan_merge, _inv_std, _like, _merge_lanes, _program_tiles, 
 
 @triton.jit
 def segment_stats_kernel(
-    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr,
+    x_ptr, part_count_ptr, part_mean_ptr, part_m2_ptr, shift_ptr, steps_ptr,
     C, pieces, channels_per_group, n, s, piece_len, tiles_per_split,
-    CHANNELS_LAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
+    COUNT_STEP: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Partial (count, mean, M2) of each segment over this program's tiles, of the values
     minus their statistic's shift (``_shift_of``; split 0 stores it per statistic).
 
     Each lane runs Welford's update over the tiles it sees; the lanes are then merged by
     the parallel (Chan) formula. Output index: (channel * pieces + piece) * splits + split.
+    With COUNT_STEP, program (0, 0) also counts the step: num_batches_tracked += 1 (no program
+    of this launch reads it; the finalize kernel after it reads the new count).
     """
+    if COUNT_STEP:
+        tl.atomic_add(steps_ptr, 1, mask=(tl.program_id(0) == 0) & (tl.program_id(1) == 0))
     ACC = part_mean_ptr.dtype.element_ty
     channels, channel_mask, piece, i_blocks, first, last = _program_tiles(
         C, pieces, n, piece_len, tiles_per_split, BLOCK_I, BLOCK_C)
@@ -121,7 +125,7 @@ def _update_running(running_mean_ptr, running_var_ptr, steps_ptr, stat, stat_mas
                     batch_mean, batch_var, momentum, unbias, CUMULATIVE: tl.constexpr):
     """EMA like nn.BatchNorm: the running variance takes the unbiased batch variance. The
     factor is ``momentum``, or with CUMULATIVE (momentum=None) 1/num_batches_tracked read
-    from the step counter, which the op incremented before this launch (no host sync)."""
+    from the step counter, which the op's stats kernel incremented (no host sync)."""
     if CUMULATIVE:
         take = tl.zeros_like(old_mean) + 1.0 / tl.load(steps_ptr).to(old_mean.dtype)
         keep = 1.0 - take

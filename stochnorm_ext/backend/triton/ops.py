@@ -116,15 +116,19 @@ def _check_apply_call(op: str, x: Tensor, weight, center, var, red, num_groups: 
 # Launch helpers (each returns fresh buffers; the first mutation of an op is its last step)
 # ---------------------------------------------------------------------------------------
 
-def _segment_stats(p: Plan, acc: torch.dtype, channels_per_group: int = 1):
+def _segment_stats(p: Plan, acc: torch.dtype, channels_per_group: int = 1, steps: Optional[Tensor] = None):
     """Partial (count, mean, M2) of shifted values, each (C * pieces * splits,), and the
-    shift of each statistic, (C * pieces / channels_per_group,)."""
+    shift of each statistic, (C * pieces / channels_per_group,). ``steps``
+    (num_batches_tracked, or None) is incremented by the same kernel: the op's first mutation,
+    after every check."""
     size = p.C * p.pieces * p.splits
     parts = tuple(new(size, acc, p.x.device) for _ in range(3))
     shift = new(p.C * p.pieces // channels_per_group, acc, p.x.device)
     if _launches(p.x):
-        launch(wrap_triton(segment_stats_kernel), p.grid, p.x, *parts, shift, p.C, p.pieces,
-               channels_per_group, *p.launch_args(), **p.meta())
+        launch(wrap_triton(segment_stats_kernel), p.grid, p.x, *parts, shift, steps, p.C, p.pieces,
+               channels_per_group, *p.launch_args(), COUNT_STEP=steps is not None, **p.meta())
+    elif steps is not None:  # traced with fake tensors under the interpreter: the same mutation
+        steps.add_(1)
     return parts + (shift,)
 
 
@@ -140,14 +144,9 @@ def _finalize_args(p: Plan, num_stats: int, parts_per_stat: int, count: int, mom
     return (cdiv(num_stats, block_k),), meta, scalars
 
 
-def _count_step(x: Tensor, num_batches_tracked: Optional[Tensor], update: bool) -> None:
-    """num_batches_tracked += 1, the op's first mutation, right before its finalize kernel
-    (which reads the new count for momentum=None): one ATen add_, as increment-then-read
-    inside one parallel kernel would race."""
-    if update and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-        if _launches(x):
-            record("num_batches_tracked.add_")
+def _counted(num_batches_tracked: Optional[Tensor], update: bool) -> Optional[Tensor]:
+    """The step counter the stats kernel increments: num_batches_tracked in a training call."""
+    return num_batches_tracked if update else None
 
 
 def _running(t: Optional[Tensor], used: bool) -> Optional[Tensor]:
@@ -176,10 +175,9 @@ def stoch_norm_stats(
     _require(mask.dtype == torch.bool, op, f"mask must be a bool tensor, got {mask.dtype}")
     acc = accumulate_dtype(x)
     p = plan(x, 1)
-    parts = _segment_stats(p, acc)
+    parts = _segment_stats(p, acc, steps=_counted(num_batches_tracked, update_stats))
     center, var, red = (new(C, acc, x.device) for _ in range(3))
     grid, meta, scalars = _finalize_args(p, C, p.splits, x.numel() // C, momentum, update_stats)
-    _count_step(x, num_batches_tracked, update_stats)
     if _launches(x):
         launch(wrap_triton(stoch_norm_finalize_kernel), grid, *parts, mask, center, var,
                red, running_mean, running_var, _running(num_batches_tracked, meta["CUMULATIVE"]), *scalars, **meta)
@@ -201,12 +199,11 @@ def batch_group_norm_stats(
     pieces, channels_per_group = grouping(C, num_groups)
     acc = accumulate_dtype(x)
     p = plan(x, pieces)
-    parts = _segment_stats(p, acc, channels_per_group)
+    parts = _segment_stats(p, acc, channels_per_group, _counted(num_batches_tracked, update_stats))
     center, var, red = (new(num_groups, acc, x.device) for _ in range(3))
     update = update_stats and running_mean is not None
     grid, meta, scalars = _finalize_args(p, num_groups, channels_per_group * p.splits,
                                          x.numel() // num_groups, momentum, update)
-    _count_step(x, num_batches_tracked, update_stats)
     if _launches(x):
         launch(wrap_triton(batch_stats_finalize_kernel), grid, *parts, center, var, red,
                _running(running_mean, update), _running(running_var, update),
@@ -229,13 +226,12 @@ def cross_iteration_norm_stats(
         _check_table(t, name, (K, C), x, op, floating=name != "past_keep")
     acc = accumulate_dtype(x)
     p = plan(x, 1)
-    parts = _segment_stats(p, acc)
+    parts = _segment_stats(p, acc, steps=_counted(num_batches_tracked, update_stats))
     mu_t, var_t, center, var, red = (new(C, acc, x.device) for _ in range(5))
     past = (past_mean.to(acc).contiguous(), past_var.to(acc).contiguous(),
             past_keep.to(torch.bool).contiguous())
     update = update_stats and running_mean is not None
     grid, meta, scalars = _finalize_args(p, C, p.splits, x.numel() // C, momentum, update)
-    _count_step(x, num_batches_tracked, update_stats)
     if _launches(x):
         launch(wrap_triton(cross_iteration_finalize_kernel), grid, *parts, *past, K,
                mu_t, var_t, center, var, red, _running(running_mean, update), _running(running_var, update),
