@@ -34,9 +34,10 @@ TORCH_LIBRARY(stochnorm_ext, m) {
   m.def("segment_grad_apply(Tensor grad_output, Tensor input, Tensor center, Tensor k_dy, Tensor k_x, "
         "Tensor k_0) -> Tensor");
 
-  // ---- The statistics ops (one per layer): batch statistics, ONE coefficient step per statistic
-  // that also updates the running statistics in place (EMA; momentum None: 1/num_batches_tracked
-  // after this call's increment) and the step count. Outputs per statistic: the centre and
+  // ---- The statistics ops (one per layer): batch statistics (the pass also counts the step,
+  // num_batches_tracked += 1), then ONE coefficient step per statistic that also updates the
+  // running statistics in place (EMA; momentum None: 1/num_batches_tracked after this call's
+  // increment). Outputs per statistic: the centre and
   // variance norm_apply normalises with and the reduction weight `red` its backward takes.
   // Not differentiable (csrc/autograd.cpp runs them below autograd).
   m.def("stoch_norm_stats(Tensor input, Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mask, "

@@ -1,9 +1,9 @@
 // The device ops of the library (schemas: csrc/ops.cpp), written once for every device:
 // the three statistics ops, norm_apply, the one layer-agnostic norm_backward, the four
 // segment passes and CBN's two window steps (cbn_window.h: ATen's batched products for the
-// dot products, then index steps). Each op is big passes from the device's shared core plus ONE small
-// coefficient step of coefficients.h (statistics + EMA; per-segment tables; backward
-// coefficients). A backend (csrc/cpu/register_cpu.cpp, csrc/cuda/register_cuda.cu) describes its
+// dot products, then index steps). Each op is big passes from the device's shared core plus at
+// most ONE small coefficient step of coefficients.h (statistics + EMA; backward coefficients;
+// the apply pass reads the statistic tables itself). A backend (csrc/cpu/register_cpu.cpp, csrc/cuda/register_cuda.cu) describes its
 // device in a struct and registers these templates for it with register_kernels<Device>.
 //
 // Device (static members only):

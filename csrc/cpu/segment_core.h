@@ -1,4 +1,4 @@
-// The shared CPU core: four big memory-bound passes over per-segment tables, used by all
+// The shared CPU core: four big memory-bound passes over segments, used by all
 // three layers (see csrc/coefficients.h for what a segment is and the per-layer math).
 //
 //   stats       x              -> mean, m2 per segment          (m2 = sum of squared deviations)
@@ -6,9 +6,11 @@
 //   grad_sums   dy, x, center  -> sum dy, sum dy * (x - center) per segment
 //   grad_apply  dy, x, tables  -> dx = k_dy * dy + k_x * (x - center) + k_0
 //
-// Tables are (C, P) in the accumulation type (float; double for double input), P the pieces
-// each channel's flattened positions are cut into (1 unless BGN has G = P * C groups); the
-// statistics (mean, m2) are double for every input (common::stats_table_options).
+// Tables are in the accumulation type (float; double for double input): the apply's and the
+// centres per statistic (coefficients.h: ApplyTables, CenterTable; spread over the C * P
+// segments before a kernel runs, P the pieces each channel's flattened positions are cut
+// into), the backward apply's coefficients (C, P); the statistics (mean, m2) are double for
+// every input (common::stats_table_options).
 #pragma once
 
 #include <ATen/OpMathType.h>

@@ -1,4 +1,4 @@
-// The shared CUDA core at tensor level: the four memory-bound passes over per-segment tables,
+// The shared CUDA core at tensor level: the four memory-bound passes over segments,
 // used by the three layers (register_cuda.cu) and registered as the stochnorm_ext::segment_* ops.
 //
 //   stats       x              -> mean, m2 per segment          (m2 = sum of squared deviations)
@@ -6,8 +6,10 @@
 //   grad_sums   dy, x, center  -> sum dy, sum dy * (x - center) per segment
 //   grad_apply  dy, x, tables  -> dx = k_dy * dy + k_x * (x - center) + k_0
 //
-// Tables are (C, P) in the accumulation type (float; double for double input), the statistics
-// (mean, m2) in double for every input (common::stats_table_options). Inputs are
+// Tables are in the accumulation type (float; double for double input): the apply's and the
+// centres per statistic, read per segment by the kernels (coefficients.h: ApplyTables,
+// CenterTable), the backward apply's coefficients (C, P); the statistics (mean, m2) are
+// double for every input (common::stats_table_options). Inputs are
 // SegmentInputs (csrc/common.h): x dense in its output format and the geometry to walk it.
 // Every function runs on x's device (the caller holds a CUDAGuard) and the current stream.
 #pragma once
