@@ -9,10 +9,12 @@
 // Device (static members only):
 //   Guard enter(const Tensor& input, const char* op)  checks that the input is on this device
 //       and returns what must live for the whole op (CUDA: a CUDAGuard on the input's device)
-//   segment_stats, segment_apply, segment_grad_sums, segment_grad_apply  the four passes on
-//       SegmentInputs (csrc/cpu/segment_core.h, csrc/cuda/segment_core.h); the stats pass
-//       also counts the step (num_batches_tracked += 1), the others read the per-statistic
-//       tables themselves (coefficients.h: ApplyTables, CenterTable)
+//   the four passes on SegmentInputs (csrc/cpu/segment_core.h, csrc/cuda/segment_core.h):
+//   segment_stats(in, step_count)            per-segment (mean, m2), float64; step_count
+//       (num_batches_tracked, or undefined) += 1 by the same launch (one thread)
+//   segment_apply(in, ApplyArgs)             y, from per-statistic tables (coefficients.h: ApplyTables)
+//   segment_grad_sums(dy, in, center, spg)   per-segment sums, centres per statistic (CenterTable)
+//   segment_grad_apply(dy, in, center, spg, k_dy, k_x, k_0)  dx, with (C, P) coefficient tables
 //   for_each_index<Step>(n, args)            Step()(i, args) for every i < n, in stream order
 //   for_each_unit<Step>(units, members, args) partial / combine / finish of a unit step
 // Every use goes through Launch<Device> below, which counts it (common::count_launch): the

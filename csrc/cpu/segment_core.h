@@ -75,10 +75,7 @@ using common::poison_outputs;
 using common::same_layout;
 using common::segment_input;
 
-// The four passes on tensors, over tables the ops have checked (dense, accumulation type;
-// statistics: double). The stats pass also counts the step: step_count (num_batches_tracked,
-// or undefined) += 1. The apply pass reads common::ApplyArgs; the backward passes the centres
-// of coefficients::CenterTable (per statistic, spg segments each) and (C, P) coefficient tables.
+// The Device passes of csrc/ops_impl.h (what they take: there), over tables the ops have checked.
 std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count);
 at::Tensor segment_apply(const SegmentInput& in, const common::ApplyArgs& args);
 std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_output, const SegmentInput& in,

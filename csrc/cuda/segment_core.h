@@ -28,9 +28,7 @@ namespace stochnorm_ext::cuda {
 
 using common::SegmentInput;
 
-// Over tables the ops have checked. The stats pass also counts the step (step_count, or
-// undefined, += 1 by one thread); the apply pass reads common::ApplyArgs; the backward passes
-// the centres of coefficients::CenterTable (spg segments per entry).
+// The Device passes of csrc/ops_impl.h (what they take: there), over tables the ops have checked.
 std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count);
 at::Tensor segment_apply(const SegmentInput& in, const common::ApplyArgs& args);
 std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_output, const SegmentInput& in,
