@@ -3,8 +3,9 @@
 // segment passes and CBN's two window steps (cbn_window.h: ATen's batched products for the
 // dot products, then index steps). Each op is big passes from the device's shared core plus at
 // most ONE small coefficient step of coefficients.h (statistics + EMA; backward coefficients;
-// the apply pass reads the statistic tables itself). A backend (csrc/cpu/register_cpu.cpp, csrc/cuda/register_cuda.cu) describes its
-// device in a struct and registers these templates for it with register_kernels<Device>.
+// the apply pass reads the statistic tables itself). A backend (csrc/cpu/register_cpu.cpp,
+// csrc/cuda/register_cuda.cu) describes its device in a struct and registers these templates
+// for it with register_kernels<Device>.
 //
 // Device (static members only):
 //   Guard enter(const Tensor& input, const char* op)  checks that the input is on this device
@@ -18,7 +19,7 @@
 //   for_each_index<Step>(n, args)            Step()(i, args) for every i < n, in stream order
 //   for_each_unit<Step>(units, members, args) partial / combine / finish of a unit step
 // Every use goes through Launch<Device> below, which counts it (common::count_launch): the
-// launches per op are a tested fact (tests/test_ops.py).
+// launches per op are a tested fact (tests/test_op_contract.py, tests/test_cuda_backend.py).
 //
 // Python glue (fake tensors): stochnorm_ext/backend/compiled/ops.py; autograd: csrc/autograd.cpp.
 #pragma once
