@@ -1,8 +1,8 @@
 """Allocation and launches of the Triton provider (no Triton needed here).
 
-Every launch of the ops (each Triton kernel, and the one ATen ``add_`` of the step count)
-goes through :func:`launch`, which records it while :func:`recording` is active: the launch
-count per op is a tested fact (tests/test_triton_backend.py), not a comment.
+Every launch of the ops (each Triton kernel: the step count is incremented inside the stats
+kernel) goes through :func:`launch`, which records it while :func:`recording` is active: the
+launch count per op is a tested fact (tests/test_triton_ops.py), not a comment.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def new(size, dtype, device) -> Tensor:
 @contextlib.contextmanager
 def recording():
     """Record the launches of the ops called inside: yields the list of their names, in
-    launch order (a kernel's ``__name__``-like name, or ``"num_batches_tracked.add_"``)."""
+    launch order (a kernel's ``__name__``-like name)."""
     global _log
     saved, _log = _log, []
     try:
