@@ -20,7 +20,7 @@ from typing import Dict, Optional, Protocol, Tuple
 import torch
 from torch import Tensor
 
-from .. import _extension
+from .. import _environ, _extension
 
 class SegmentPasses(Protocol):
     """The four big passes over per-segment tables (a segment: what one statistic covers
@@ -70,21 +70,13 @@ _MODULES = {"reference": ".reference", "cpu": ".backend.compiled", "triton": ".b
 _PACKAGE = __package__.rpartition(".")[0]  # stochnorm_ext
 # Device types each backend runs on ("triton" runs on CPU tensors only under the interpreter).
 _DEVICES = {"reference": None, "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}
-# The variable's name as os.environ stores it (see env_backend).
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else None
+_read_env_backend = _environ.reader(ENV_VAR)
 
 
 def env_backend() -> Optional[str]:
     """The backend ``STOCHNORM_EXT_BACKEND`` names (None: unset or empty), read at every call:
     setting the variable takes effect at the next layer call."""
-    # os.environ.get of an unset variable raises and catches a KeyError inside (about 1.5 us
-    # on a CPU, at every layer call); CPython's os.environ keeps the encoded dict it reads in
-    # ``_data``, where a miss is one lookup. Traced code and anything else: os.environ.get.
-    data = getattr(os.environ, "_data", None)
-    if _ENV_KEY is None or type(data) is not dict or torch.compiler.is_compiling():
-        return os.environ.get(ENV_VAR) or None
-    value = data.get(_ENV_KEY)
-    return (os.environ.decodevalue(value) or None) if value is not None else None
+    return _read_env_backend() or None
 
 
 _loaded: Dict[str, object] = {}

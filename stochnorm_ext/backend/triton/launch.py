@@ -7,21 +7,25 @@ launch count per op is a tested fact (tests/test_triton_ops.py), not a comment.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional
 
 import torch
 from torch import Tensor
+
+from ... import _environ
 
 POISON_ENV = "STOCHNORM_EXT_POISON_OUTPUTS"
 
 _log: Optional[List[str]] = None
 
 
+_read_poison = _environ.reader(POISON_ENV)
+
+
 def poison(t: Tensor) -> Tensor:
     """NaN-fill a fresh output when STOCHNORM_EXT_POISON_OUTPUTS=1: an element a kernel
     forgets to write then fails every comparison."""
-    if os.environ.get(POISON_ENV) == "1":
+    if _read_poison() == "1":
         t.fill_(float("nan"))
     return t
 
