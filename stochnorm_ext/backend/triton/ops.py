@@ -19,7 +19,7 @@ Importing this module needs Triton and torch >= 2.6 (the package checks first).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, NoReturn, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -68,7 +68,7 @@ def _launches(t: Tensor) -> bool:
 
 # Each check formats its message only when it fails: formatting shapes and devices on every
 # call cost about 8 us per table here, more than the check itself.
-def _fail(op: str, message: str):
+def _fail(op: str, message: str) -> NoReturn:
     raise RuntimeError(f"stochnorm_ext::{op}: {message}")
 
 
@@ -117,7 +117,8 @@ def _check_apply_call(op: str, x: Tensor, weight, center, var, red, num_groups: 
 
 
 # ---------------------------------------------------------------------------------------
-# Launch helpers (each returns fresh buffers; the first mutation of an op is its last step)
+# Launch helpers (each returns fresh buffers; an op mutates its state only after every check:
+# the step count in its stats kernel, the running statistics in its last step)
 # ---------------------------------------------------------------------------------------
 
 def _segment_stats(p: Plan, acc: torch.dtype, channels_per_group: int = 1, steps: Optional[Tensor] = None):
