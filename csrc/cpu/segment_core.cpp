@@ -32,13 +32,16 @@ using common::table_options;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 // The kernels read one table entry per segment: the per-statistic forms of coefficients.h
-// spread over the segments first (C * P values: a loop, no allocation through ATen).
+// spread over the segments first (C * P values: a loop, no allocation through ATen). The
+// centres: the table itself when each statistic is one segment, else spread into `spread`.
 template <typename T>
-std::vector<T> segment_centers(const at::Tensor& center, int64_t segments_per_stat, int64_t segments) {
+const T* segment_centers(const at::Tensor& center, int64_t segments_per_stat, int64_t segments,
+                         std::vector<T>& spread) {
+  if (segments_per_stat == 1) return center.const_data_ptr<T>();
   const coefficients::CenterTable<T> table{center.const_data_ptr<T>(), segments_per_stat};
-  std::vector<T> out(segments);
-  for (int64_t s = 0; s < segments; ++s) out[s] = table[s];
-  return out;
+  spread.resize(segments);
+  for (int64_t s = 0; s < segments; ++s) spread[s] = table[s];
+  return spread.data();
 }
 
 std::tuple<at::Tensor, at::Tensor> segment_stats(const SegmentInput& in, const at::Tensor& step_count) {
@@ -73,9 +76,10 @@ std::tuple<at::Tensor, at::Tensor> segment_grad_sums(const at::Tensor& grad_outp
   at::Tensor sum_dy_xc = new_output({in.channels, in.pieces}, table_options(in));
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_grad_sums", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> c = segment_centers<acc_t>(center, segments_per_stat, in.channels * in.pieces);
+    std::vector<acc_t> spread;
+    const acc_t* c = segment_centers<acc_t>(center, segments_per_stat, in.channels * in.pieces, spread);
     kernel_table().get<scalar_t>().grad_sums(in.geometry, dy.const_data_ptr<scalar_t>(),
-                                             in.x.const_data_ptr<scalar_t>(), c.data(), sum_dy.data_ptr<acc_t>(),
+                                             in.x.const_data_ptr<scalar_t>(), c, sum_dy.data_ptr<acc_t>(),
                                              sum_dy_xc.data_ptr<acc_t>());
   });
   return {sum_dy, sum_dy_xc};
@@ -88,9 +92,10 @@ at::Tensor segment_grad_apply(const at::Tensor& grad_output, const SegmentInput&
   at::Tensor dx = new_output(in.x.sizes(), in.x.options(), in.format);
   STOCHNORM_DISPATCH(in.x.scalar_type(), "segment_grad_apply", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> c = segment_centers<acc_t>(center, segments_per_stat, in.channels * in.pieces);
+    std::vector<acc_t> spread;
+    const acc_t* c = segment_centers<acc_t>(center, segments_per_stat, in.channels * in.pieces, spread);
     kernel_table().get<scalar_t>().grad_apply(in.geometry, dy.const_data_ptr<scalar_t>(),
-                                              in.x.const_data_ptr<scalar_t>(), c.data(), k_dy.const_data_ptr<acc_t>(),
+                                              in.x.const_data_ptr<scalar_t>(), c, k_dy.const_data_ptr<acc_t>(),
                                               k_x.const_data_ptr<acc_t>(), k_0.const_data_ptr<acc_t>(),
                                               dx.data_ptr<scalar_t>());
   });

@@ -30,7 +30,7 @@ from ..._checks import FLOAT_DTYPES, accumulate_dtype
 from .grad_kernels import grad_apply_kernel, grad_finalize_kernel, grad_reduce_kernel
 from .kernels import (batch_stats_finalize_kernel, cross_iteration_finalize_kernel, norm_apply_kernel,
                       segment_stats_kernel, stoch_norm_finalize_kernel)
-from .launch import launch, new, poison, record
+from .launch import launch, new, poison
 from .plan import Plan, cdiv, grad_finalize_blocks, grouping, plan, small_blocks
 
 _NS = "stochnorm_ext"
